@@ -1,0 +1,217 @@
+"""The ``flexmerge`` command: thin, it parses, calls the library and prints.
+
+Every bad input ends as one line ``error: ...`` on stderr and exit code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import FlexMergeError
+
+
+def _click_classes(name: str) -> tuple:
+    """The click exception class ``name`` from click and from typer's vendored copy, if any."""
+    import importlib
+
+    found = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            cls = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            continue
+        if cls is not None:
+            found.append(cls)
+    return tuple(found)
+
+
+UsageError, Abort, ClickExit = (_click_classes(n) for n in ("UsageError", "Abort", "Exit"))
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Data-free model merging at any size (FlexMerge, Dhasade et al., ICLR 2026).")
+out = Console()
+
+ConfigArg = typer.Argument(None, help="merge config (YAML); keys can be overridden by the options")
+BaseOpt = typer.Option(None, "--base", help="pretrained checkpoint (overrides 'base')")
+TaskOpt = typer.Option(None, "--task", "-t", help="NAME=PATH, repeatable (overrides 'tasks')")
+ExcludeOpt = typer.Option(None, "--exclude", help="regex of task-specific parameters, repeatable")
+BlocksOpt = typer.Option(None, "--blocks", help="component | layer | tensor")
+MethodOpt = typer.Option(None, "--method", "-m", help="merge method (see 'flexmerge methods')")
+SetOpt = typer.Option(None, "--set", help="method parameter KEY=VALUE, repeatable (e.g. lambda=1.5)")
+LinkageOpt = typer.Option(None, "--linkage", help="min | max | avg")
+OrderOpt = typer.Option(None, "--order", help="greedy | left-right | right-left | random")
+SeedOpt = typer.Option(None, "--seed", help="random seed")
+ProgressOpt = typer.Option(True, "--progress/--no-progress", help="progress bars on a terminal")
+
+
+def _job(config, base, task, exclude, blocks, method, sets, linkage, order, seed, progress):
+    from .config import parse_assignments
+    from .engine import FlexMerge
+
+    overrides = {"base": base, "exclude": exclude or None, "blocks": blocks, "linkage": linkage,
+                 "order": order, "seed": seed}
+    if task:
+        pairs = {}
+        for item in task:
+            name, sep, path = item.partition("=")
+            if not sep:
+                raise FlexMergeError(f"--task expects NAME=PATH, got {item!r}")
+            pairs[name] = path
+        overrides["tasks"] = pairs
+    if config is None:
+        if base is None or not task:
+            raise FlexMergeError("give a config file, or --base and at least two --task NAME=PATH")
+        data = {k: v for k, v in overrides.items() if v is not None}
+        return FlexMerge(data, method=method, method_params=parse_assignments(sets), progress=progress)
+    return FlexMerge(config, method=method, method_params=parse_assignments(sets), overrides=overrides,
+                     progress=progress)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@app.command()
+def blocks(config: Optional[Path] = ConfigArg, base: Optional[str] = BaseOpt,
+           task: Optional[List[str]] = TaskOpt, exclude: Optional[List[str]] = ExcludeOpt,
+           blocks: Optional[str] = BlocksOpt):
+    """How the model is cut into blocks: block, tensors, parameters, share of the model."""
+    fm = _job(config, base, task, exclude, blocks, None, None, None, None, None, False)
+    table = Table(title=f"{len(fm.blockmap)} blocks, {len(fm.tasks)} tasks")
+    for col in ("block", "tensors", "parameters", "bytes", "share"):
+        table.add_column(col, justify="left" if col == "block" else "right")
+    for row in fm.blocks_table():
+        table.add_row(row["block"], str(row["tensors"]), f"{row['parameters']:,}", _fmt_bytes(row["bytes"]),
+                      f"{100 * row['share']:.2f}%")
+    out.print(table)
+    spec = fm.models.task_specific_bytes()
+    if any(spec.values()):
+        out.print("task-specific (never merged): " + ", ".join(f"{t} {_fmt_bytes(b)}" for t, b in spec.items()))
+
+
+@app.command()
+def plan(config: Optional[Path] = ConfigArg, output: Path = typer.Option(..., "-o", "--output", help="plan.json to write"),
+         base: Optional[str] = BaseOpt, task: Optional[List[str]] = TaskOpt,
+         exclude: Optional[List[str]] = ExcludeOpt, blocks: Optional[str] = BlocksOpt,
+         method: Optional[str] = MethodOpt, set_: Optional[List[str]] = SetOpt,
+         linkage: Optional[str] = LinkageOpt, order: Optional[str] = OrderOpt,
+         seed: Optional[int] = SeedOpt, progress: bool = ProgressOpt):
+    """Plan every size from N model units down to the minimum (one streaming pass)."""
+    fm = _job(config, base, task, exclude, blocks, method, set_, linkage, order, seed, progress)
+    p = fm.plan()
+    p.save(output)
+    out.print(f"plan: {len(p.steps)} merges over {len(p.blocks)} blocks, sizes {p.max_units:.4g} -> "
+              f"{p.min_units:.4g} units ({_fmt_bytes(p.max_bytes)} -> {_fmt_bytes(p.min_bytes)}), "
+              f"method {p.method['name']}, linkage {p.linkage}, order {p.order}; wrote {output}")
+
+
+@app.command()
+def merge(config: Optional[Path] = ConfigArg,
+          size: str = typer.Option(..., "--size", "-s", help="target size: model units (2.5) or bytes (40MB)"),
+          output: Path = typer.Option(..., "-o", "--output", help="bundle directory to write"),
+          plan_file: Optional[Path] = typer.Option(None, "--plan", help="reuse a plan.json"),
+          base: Optional[str] = BaseOpt, task: Optional[List[str]] = TaskOpt,
+          exclude: Optional[List[str]] = ExcludeOpt, blocks: Optional[str] = BlocksOpt,
+          method: Optional[str] = MethodOpt, set_: Optional[List[str]] = SetOpt,
+          linkage: Optional[str] = LinkageOpt, order: Optional[str] = OrderOpt,
+          seed: Optional[int] = SeedOpt, progress: bool = ProgressOpt):
+    """Merge to a target size and write a bundle."""
+    from .plan import Plan
+
+    fm = _job(config, base, task, exclude, blocks, method, set_, linkage, order, seed, progress)
+    if plan_file is not None:
+        fm.use_plan(Plan.load(plan_file))
+    p = fm._plan or fm.plan()
+    p.target_bytes(size)  # range check before any heavy work
+    bundle = fm.merge(size, output)
+    out.print(f"bundle: {bundle.size_units:.4g} units ({_fmt_bytes(bundle.size_bytes)}) for "
+              f"{len(bundle.tasks)} tasks, method {bundle.method['name']}; wrote {output}")
+
+
+@app.command()
+def inspect(bundle_dir: Path = typer.Argument(..., help="a bundle directory"),
+            as_json: bool = typer.Option(False, "--json", help="print JSON")):
+    """Sizes, groups per block and method of a bundle."""
+    from .bundle import Bundle
+
+    b = Bundle.load(bundle_dir)
+    s = b.summary()
+    if as_json:
+        print(json.dumps(s, indent=1))
+        return
+    size = s["size"]
+    out.print(f"{bundle_dir}: {size['units']:.4g} of {size['max_units']} units, {_fmt_bytes(size['bytes'])} "
+              f"(+ {_fmt_bytes(size['task_specific_total'])} task-specific), method {s['method']}")
+    table = Table()
+    for col in ("block", "groups", "stored"):
+        table.add_column(col)
+    for blk in s["blocks"]:
+        groups = " | ".join("+".join(g) for g in blk["groups"])
+        kinds = ",".join(sorted(set(blk["kinds"]))) + (" +pretrained" if blk["store_base"] else "")
+        table.add_row(blk["name"], groups, kinds)
+    out.print(table)
+
+
+@app.command()
+def export(bundle_dir: Path = typer.Argument(..., help="a bundle directory"),
+           task: str = typer.Option(..., "--task", "-t", help="task to export"),
+           output: Path = typer.Option(..., "-o", "--output", help="where to write the checkpoint")):
+    """Write one task as a plain checkpoint of the same kind as its input."""
+    from .bundle import Bundle
+
+    path = Bundle.load(bundle_dir).export(task, output)
+    out.print(f"exported task {task} to {path}")
+
+
+@app.command()
+def methods():
+    """List the merge methods and their parameters."""
+    from .methods import available_methods, method_class
+
+    for name in available_methods():
+        cls = method_class(name)
+        params = ", ".join(f"{f.alias or k}={f.default}" for k, f in cls.Params.model_fields.items())
+        out.print(f"{name:18s} {params}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the app, turning every expected failure into one line and exit code 2."""
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    try:
+        app(args=argv, standalone_mode=False)
+    except FlexMergeError as exc:
+        err.print(f"error: {exc}", markup=False)
+        return 2
+    except UsageError as exc:
+        hint = f" (see 'flexmerge {exc.ctx.info_name} --help')" if exc.ctx and exc.ctx.parent else " (see 'flexmerge --help')"
+        err.print(f"error: {exc.format_message()}{hint}", markup=False)
+        return 2
+    except Abort:
+        err.print("error: aborted", markup=False)
+        return 130
+    except (OSError, MemoryError) as exc:
+        err.print(f"error: {type(exc).__name__}: {exc}", markup=False)
+        return 2
+    except ClickExit as exc:
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

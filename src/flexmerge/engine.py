@@ -1,0 +1,181 @@
+"""The Python API: plan every size in one pass, merge to any size, write a bundle.
+
+    import flexmerge
+    fm = flexmerge.FlexMerge("merge.yaml")          # or a dict / MergeConfig
+    plan = fm.plan()                                 # every size from N down to the minimum
+    bundle = fm.merge(2.5, out="out/")               # a bundle of 2.5 model units on disk
+    sd = fm.merge(1.0).state_dict("sst2")            # or in memory
+
+Pipeline (ARCHITECTURE.md): source -> blocks -> similarity -> plan -> materialize -> bundle.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from .blocks import BlockMap
+from .bundle import BUNDLE_FORMAT, BUNDLE_VERSION, Bundle, BundleWriter, block_entry
+from .config import MergeConfig, load_config, make_config, method_spec
+from .errors import FlexMergeError
+from .materialize import materialize
+from .methods import MergeMethod, make_method
+from .plan import Grouping, Plan, make_plan
+from .progress import Progress
+from .similarity import block_grams
+from .sizes import CostModel
+from .validate import ModelSet, open_models
+
+
+class FlexMerge:
+    """One merge job: validated inputs, a method, the plan, and bundles at any size."""
+
+    def __init__(self, config: str | os.PathLike | Mapping[str, Any] | MergeConfig, *,
+                 method: str | dict | MergeMethod | None = None,
+                 method_params: Mapping[str, Any] | None = None,
+                 overrides: Mapping[str, Any] | None = None, progress: bool = False):
+        if isinstance(config, (str, os.PathLike)):
+            self.config = load_config(config, overrides)
+        else:
+            data = config.model_dump() if isinstance(config, MergeConfig) else dict(config)
+            data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+            self.config = make_config(data)
+        if isinstance(method, MergeMethod):
+            self.method = method
+        else:
+            name = method.get("name") if isinstance(method, dict) else method
+            params = dict(method or {}) if isinstance(method, dict) else {}
+            params.pop("name", None)
+            params.update(method_params or {})
+            self.method = make_method(method_spec(self.config, name, params), seed=self.config.seed)
+        self.progress = Progress(enabled=progress)
+        self.models: ModelSet = open_models(self.config)
+        self.cost = CostModel.for_method(self.models.blockmap, self.method, self.models.mergeable)
+        self._plan: Plan | None = None
+        self._global_done = False
+
+    # ---- facts ---------------------------------------------------------------------------
+    @property
+    def tasks(self) -> list[str]:
+        return self.models.task_names
+
+    @property
+    def blockmap(self) -> BlockMap:
+        return self.models.blockmap
+
+    def blocks_table(self) -> list[dict]:
+        total = self.blockmap.mergeable_bytes
+        return [{"block": b.name, "tensors": len(b.params), "parameters": b.numel, "bytes": b.nbytes,
+                 "share": b.nbytes / total} for b in self.blockmap.blocks]
+
+    # ---- planning ------------------------------------------------------------------------
+    def _run_global_pass(self) -> None:
+        if self.method.has_global_pass and not self._global_done:
+            with self.progress.task("global pass", total=None):
+                self.method.global_pass(self.models.task_vector_stream(), self.models.num_tasks)
+        self._global_done = True
+
+    def grams(self) -> dict:
+        """Per-block Gram matrices of (transformed) task vectors: one streaming pass."""
+        self._run_global_pass()
+        with self.progress.task("similarity", total=len(self.models.mergeable)) as bar:
+            return block_grams(self.models, self.method.transform if self.method.transforms else None,
+                               progress=bar)
+
+    def plan(self, *, linkage: str | None = None, order: str | None = None, seed: int | None = None,
+             grams: dict | None = None) -> Plan:
+        """The whole trajectory; cached. Other linkage/order/seed reuse the Gram matrices."""
+        if grams is None:
+            grams = self._plan.grams if self._plan is not None else self.grams()
+        plan = make_plan(grams, self.cost, self.tasks, method=self.method.describe(),
+                         linkage=linkage or self.config.linkage, order=order or self.config.order,
+                         seed=self.config.seed if seed is None else seed,
+                         task_specific_bytes=self.models.task_specific_bytes())
+        if linkage is None and order is None and seed is None:
+            self._plan = plan
+        return plan
+
+    def use_plan(self, plan: Plan) -> None:
+        """Reuse a saved plan (it must be for these tasks, blocks and method)."""
+        if plan.tasks != self.tasks:
+            raise FlexMergeError(f"plan tasks {plan.tasks} differ from the config's {self.tasks}; re-run 'flexmerge plan'")
+        if plan.blocks != self.blockmap.names or plan.block_bytes != self.cost.block_bytes:
+            raise FlexMergeError("plan blocks differ from this config's blocks; re-run 'flexmerge plan'")
+        if plan.method != self.method.describe():
+            raise FlexMergeError(f"plan was made for method {plan.method}, not {self.method.describe()}; "
+                                 "re-run 'flexmerge plan' with this method")
+        self._plan = plan
+
+    # ---- merging -------------------------------------------------------------------------
+    def merge(self, size: float | str | None = None, out: str | os.PathLike | None = None, *,
+              plan: Plan | None = None, grouping: Grouping | None = None) -> Bundle:
+        """Merge to ``size`` (units, or e.g. ``"40MB"``); write to ``out`` or keep in memory."""
+        if grouping is None:
+            plan = plan or self._plan or self.plan()
+            grouping = plan.at(size if size is not None else plan.min_units)
+        self._run_global_pass()
+        stored = materialize(self.models, self.method, grouping, self.cost)
+        if out is None:
+            return self._in_memory(stored, grouping, plan)
+        return self._write(stored, grouping, plan, Path(out))
+
+    def _manifest(self, blocks: list[dict], grouping: Grouping, plan: Plan | None,
+                  task_specific: dict, hashes: bool) -> dict:
+        m = self.models
+        srcs = {"base": _source_entry(m.base, hashes),
+                "tasks": {t: _source_entry(s, hashes) for t, s in m.tasks.items()}}
+        spec_bytes = m.task_specific_bytes()
+        return {
+            "format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "tasks": self.tasks,
+            "method": self.method.describe(),
+            "plan": {"linkage": plan.linkage if plan else None, "order": plan.order if plan else None,
+                     "seed": plan.seed if plan else None, "steps": grouping.steps},
+            "size": {"bytes": grouping.size_bytes, "units": grouping.size_units,
+                     "unit_bytes": self.cost.unit_bytes, "max_units": len(self.tasks),
+                     "task_specific_bytes": spec_bytes, "task_specific_total": sum(spec_bytes.values())},
+            "blocks": blocks, "task_specific": task_specific,
+            "aliases": dict(m.aliases),
+            "task_keys": {t: list(s.names()) for t, s in m.tasks.items()},
+            "sources": srcs, "config": self.config.public_dict(),
+        }
+
+    def _in_memory(self, stored, grouping, plan) -> Bundle:
+        mem, entries = {}, []
+        for sb in stored:
+            rel = f"tensors/block-{sb.index:05d}.safetensors"
+            mem[rel] = sb.tensors
+            entries.append(block_entry(sb, rel, self.tasks, self.blockmap.blocks[sb.index].params))
+        task_specific = {}
+        for t, names in self.models.task_specific.items():
+            rel = f"tensors/task-{t}.safetensors"
+            mem[rel] = {n: self.models.tasks[t].get(n) for n in names}
+            task_specific[t] = {"file": rel, "names": names}
+        return Bundle(self._manifest(entries, grouping, plan, task_specific, hashes=False), tensors=mem)
+
+    def _write(self, stored, grouping, plan, out: Path) -> Bundle:
+        writer = BundleWriter(out)
+        try:
+            entries = []
+            with self.progress.task("merge", total=len(self.blockmap.blocks)) as bar:
+                for sb in stored:
+                    rel = f"tensors/block-{sb.index:05d}.safetensors"
+                    writer.write(rel, sb.tensors)
+                    entries.append(block_entry(sb, rel, self.tasks, self.blockmap.blocks[sb.index].params))
+                    bar(sb.index + 1, len(self.blockmap.blocks))
+            task_specific = {}
+            for t, names in self.models.task_specific.items():
+                rel = f"tensors/task-{t}.safetensors"
+                writer.write(rel, {n: self.models.tasks[t].get(n).contiguous() for n in names})
+                task_specific[t] = {"file": rel, "names": names}
+            manifest = self._manifest(entries, grouping, plan, task_specific, hashes=True)
+            root = writer.commit(manifest)
+        except BaseException as exc:
+            writer.abort(exc)
+            raise
+        return Bundle.load(root)
+
+
+def _source_entry(src, hashes: bool) -> dict:
+    return {"path": str(src.path) if src.path is not None else None, "kind": src.kind,
+            "sha256": src.sha256() if hashes else None}

@@ -1,0 +1,356 @@
+"""Reading checkpoints lazily and writing outputs atomically.
+
+Supported inputs (issue "engine"): HF model directories (``config.json`` + ``model.safetensors``,
+sharded ``*.safetensors`` with ``model.safetensors.index.json``, or ``pytorch_model.bin``), single
+``.safetensors`` files, and torch ``.pt``/``.bin`` state dicts. Safetensors are memory-mapped and
+read one tensor at a time; torch pickles are loaded with ``mmap=True`` so that only touched
+tensors are paged in. In-memory state dicts are wrapped by :class:`StateDictSource` (tests, the
+benchmark).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+from safetensors import safe_open
+
+from .errors import FlexMergeError
+
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                   "pytorch_model.bin.index.json")
+
+
+class TensorInfo:
+    __slots__ = ("shape", "dtype")
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype):
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = dtype
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+class CheckpointSource:
+    """A read-only, lazy view of one checkpoint: names, shapes, dtypes, and one tensor at a time."""
+
+    kind: str = "state_dict"  # "hf_dir" | "safetensors" | "torch" | "state_dict"
+    path: Path | None = None
+
+    def names(self) -> list[str]:
+        raise NotImplementedError
+
+    def info(self, name: str) -> TensorInfo:
+        raise NotImplementedError
+
+    def get(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def tied_groups(self) -> list[list[str]]:
+        """Names that are one tensor in this checkpoint (shared storage); sorted, first = canonical."""
+        return []
+
+    def files(self) -> list[Path]:
+        return []
+
+    def fingerprint(self) -> str:
+        """Cheap identity (paths, sizes, mtimes) for caching plans; not a checksum."""
+        parts = [f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in self.files()]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+    def sha256(self) -> str:
+        """sha256 over the weight files (in name order); the manifest records it."""
+        h = hashlib.sha256()
+        for p in sorted(self.files()):
+            with open(p, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(chunk)
+        return h.hexdigest()
+
+    def describe(self) -> str:
+        return str(self.path) if self.path is not None else "<in-memory state dict>"
+
+    def close(self) -> None:
+        pass
+
+
+class StateDictSource(CheckpointSource):
+    """An in-memory ``{name: tensor}`` mapping."""
+
+    def __init__(self, state_dict: Mapping[str, torch.Tensor], label: str = "<state dict>"):
+        self._sd = dict(state_dict)
+        self._label = label
+        for name, t in self._sd.items():
+            if not isinstance(t, torch.Tensor):
+                raise FlexMergeError(f"{label}: entry '{name}' is a {type(t).__name__}, not a tensor")
+
+    def names(self) -> list[str]:
+        return list(self._sd)
+
+    def info(self, name: str) -> TensorInfo:
+        t = self._sd[name]
+        return TensorInfo(t.shape, t.dtype)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._sd[name]
+
+    def tied_groups(self) -> list[list[str]]:
+        return _shared_storage_groups(self._sd)
+
+    def describe(self) -> str:
+        return self._label
+
+    def fingerprint(self) -> str:
+        return f"mem-{id(self._sd):x}"
+
+    def sha256(self) -> str:
+        h = hashlib.sha256()
+        for name in sorted(self._sd):
+            h.update(name.encode())
+            h.update(self._sd[name].detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+                     if self._sd[name].numel() else b"")
+        return h.hexdigest()
+
+
+class SafetensorsSource(CheckpointSource):
+    """One or more safetensors files (shards), memory-mapped; each name lives in one file."""
+
+    def __init__(self, files: list[Path], path: Path, kind: str):
+        self.path = path
+        self.kind = kind
+        self._files = files
+        self._handles: dict[Path, object] = {}
+        self._where: dict[str, Path] = {}
+        for f in files:
+            handle = self._open(f)
+            for name in handle.keys():
+                if name in self._where:
+                    raise FlexMergeError(f"{f}: tensor '{name}' also appears in {self._where[name]}; "
+                                         "remove the duplicate shard")
+                self._where[name] = f
+        self._infos: dict[str, TensorInfo] = {}
+
+    def _open(self, f: Path):
+        if f not in self._handles:
+            try:
+                self._handles[f] = safe_open(str(f), framework="pt", device="cpu")
+            except FileNotFoundError:
+                raise FlexMergeError(f"checkpoint file not found: {f}; check the path") from None
+            except Exception as exc:  # safetensors raises its own error types
+                raise FlexMergeError(f"cannot read {f} as safetensors ({_first_line(exc)}); "
+                                     "the file is corrupted or not a safetensors file: re-create it") from None
+        return self._handles[f]
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def info(self, name: str) -> TensorInfo:
+        info = self._infos.get(name)
+        if info is None:
+            sl = self._open(self._where[name]).get_slice(name)
+            info = TensorInfo(tuple(sl.get_shape()), _st_dtype(sl.get_dtype(), name, self._where[name]))
+            self._infos[name] = info
+        return info
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            return self._open(self._where[name]).get_tensor(name)
+        except Exception as exc:
+            raise FlexMergeError(f"cannot read tensor '{name}' from {self._where[name]} "
+                                 f"({_first_line(exc)}); the file is corrupted: re-create it") from None
+
+    def files(self) -> list[Path]:
+        return list(self._files)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+class TorchSource(CheckpointSource):
+    """A torch pickle state dict (``.pt``/``.bin``), loaded ``weights_only`` and memory-mapped."""
+
+    def __init__(self, file: Path, path: Path, kind: str):
+        self.path = path
+        self.kind = kind
+        self._file = file
+        try:
+            try:
+                obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:  # old (non-zip) format cannot be memory-mapped
+                if "mmap" not in str(exc):
+                    raise
+                obj = torch.load(file, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise FlexMergeError(f"checkpoint file not found: {file}; check the path") from None
+        except Exception as exc:
+            raise FlexMergeError(f"cannot load {file} as a torch state dict ({_first_line(exc)}); "
+                                 "the file is corrupted or not a state dict: re-save it with "
+                                 "torch.save(model.state_dict(), path)") from None
+        if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise FlexMergeError(f"{file} does not hold a state dict of tensors; save "
+                                 "model.state_dict() rather than the model object")
+        self._sd = obj
+
+    def names(self) -> list[str]:
+        return list(self._sd)
+
+    def info(self, name: str) -> TensorInfo:
+        t = self._sd[name]
+        return TensorInfo(t.shape, t.dtype)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._sd[name]
+
+    def tied_groups(self) -> list[list[str]]:
+        return _shared_storage_groups(self._sd)
+
+    def files(self) -> list[Path]:
+        return [self._file]
+
+
+def open_checkpoint(path: str | os.PathLike | Mapping[str, torch.Tensor] | CheckpointSource,
+                    label: str = "checkpoint") -> CheckpointSource:
+    """Open ``path`` (an HF dir, a ``.safetensors`` file, a ``.pt``/``.bin`` file) or wrap a dict."""
+    if isinstance(path, CheckpointSource):
+        return path
+    if isinstance(path, Mapping):
+        return StateDictSource(path, label=f"{label} (state dict)")
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FlexMergeError(f"{label}: path not found: {p}; give an HF model directory, a "
+                             ".safetensors file or a .pt/.bin state dict")
+    if p.is_dir():
+        return _open_hf_dir(p, label)
+    if p.suffix == ".safetensors":
+        return SafetensorsSource([p], p, "safetensors")
+    if p.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        return TorchSource(p, p, "torch")
+    raise FlexMergeError(f"{label}: unsupported checkpoint file {p.name}; use a .safetensors, "
+                         ".pt or .bin file, or an HF model directory")
+
+
+def _open_hf_dir(p: Path, label: str) -> CheckpointSource:
+    index = p / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except Exception:
+            raise FlexMergeError(f"{index} is not a valid safetensors index (needs 'weight_map'); "
+                                 "re-save the model") from None
+        shards = sorted({p / f for f in weight_map.values()})
+        missing = [s.name for s in shards if not s.exists()]
+        if missing:
+            raise FlexMergeError(f"{label}: shard(s) {', '.join(missing)} listed in {index.name} are "
+                                 f"missing from {p}; copy them there")
+        return SafetensorsSource(shards, p, "hf_dir")
+    if (p / "model.safetensors").exists():
+        return SafetensorsSource([p / "model.safetensors"], p, "hf_dir")
+    loose = sorted(p.glob("*.safetensors"))
+    if loose:
+        return SafetensorsSource(loose, p, "hf_dir")
+    if (p / "pytorch_model.bin").exists():
+        return TorchSource(p / "pytorch_model.bin", p, "hf_dir")
+    raise FlexMergeError(f"{label}: no weights in {p}: expected model.safetensors, sharded "
+                         "*.safetensors with model.safetensors.index.json, or pytorch_model.bin")
+
+
+def _shared_storage_groups(sd: Mapping[str, torch.Tensor]) -> list[list[str]]:
+    by_ptr: dict[tuple, list[str]] = {}
+    for name, t in sd.items():
+        if t.numel() == 0:
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        by_ptr.setdefault(key, []).append(name)
+    return [sorted(v) for v in by_ptr.values() if len(v) > 1]
+
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+    if hasattr(torch, _attr):
+        _ST_DTYPES[_name] = getattr(torch, _attr)
+
+
+def _st_dtype(code: str, name: str, file: Path) -> torch.dtype:
+    try:
+        return _ST_DTYPES[code]
+    except KeyError:
+        raise FlexMergeError(f"{file}: tensor '{name}' has unsupported dtype {code}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# atomic writing
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike, is_dir: bool) -> Iterator[Path]:
+    """Yield a temporary path next to ``target``; on success rename it onto ``target``.
+
+    On any exception the temporary path is removed, so an interrupted run never leaves a half
+    written output (an existing ``target`` is replaced only after the new one is complete).
+    """
+    target = Path(target).expanduser()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if is_dir:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        if is_dir:
+            if target.exists():
+                old = target.with_name(f".{target.name}.old-{os.getpid()}")
+                os.replace(target, old)
+                os.replace(tmp, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, target)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    with atomic_path(path, is_dir=False) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1) + "\n")
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,102 @@
+"""Materialise a grouping: run the merge method on every block group, block by block.
+
+Yields, per block, what the bundle stores (:class:`StoredBlock`). Memory stays near
+base block + N x block + output (ARCHITECTURE.md "Memory"): one block is in memory at a time.
+A group of one stores its task's original tensors, read directly from the checkpoint (so the
+largest size rebuilds every task bit for bit); mask methods follow :class:`~flexmerge.sizes.CostModel`
+for which groups keep their originals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from .methods.base import GroupInput, MergeMethod
+from .plan import Grouping
+from .sizes import CostModel
+from .validate import ModelSet
+
+
+@dataclass
+class StoredGroupRecord:
+    tasks: list[int]
+    kind: str  # original | merged | masked
+    keys: dict[str, str] = field(default_factory=dict)  # role -> tensor key prefix
+
+
+@dataclass
+class StoredBlock:
+    name: str
+    index: int
+    store_base: bool
+    groups: list[StoredGroupRecord]
+    tensors: dict[str, torch.Tensor]
+    nbytes: int
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Bool tensor -> uint8 tensor of ``ceil(numel / 8)`` bytes (numpy ``packbits``, big-endian bits)."""
+    return torch.from_numpy(np.packbits(mask.reshape(-1).numpy().astype(np.bool_)))
+
+
+def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    n = int(np.prod(shape)) if shape else 1
+    bits = np.unpackbits(packed.numpy(), count=n).astype(np.bool_)
+    return torch.from_numpy(bits).reshape(shape)
+
+
+def materialize(models: ModelSet, method: MergeMethod, grouping: Grouping, cost: CostModel,
+                progress: Callable[[int, int], None] | None = None) -> Iterator[StoredBlock]:
+    """Yield the stored tensors of every block for ``grouping``."""
+    tasks = models.task_names
+    blocks = models.blockmap.blocks
+    for bi, block in enumerate(blocks):
+        groups = grouping.groups[block.name]
+        layout = cost.layout(bi, [len(g) for g in groups])
+        tensors: dict[str, torch.Tensor] = {}
+        records: list[StoredGroupRecord] = []
+        need_merge = any(k != "original" for k in layout.kinds)
+        base32: dict[str, torch.Tensor] = {}
+        taus: dict[str, torch.Tensor] = {}
+        if need_merge:
+            for name, b32, t in models.stream(block.params):
+                base32[name] = b32
+                taus[name] = method.transform(name, t) if method.transforms else t
+        if layout.store_base:
+            for name in block.params:
+                tensors[f"base/{name}"] = models.base.get(name).contiguous()
+        for gi, (members, kind) in enumerate(zip(groups, layout.kinds)):
+            rec = StoredGroupRecord(list(members), kind)
+            if kind == "original":
+                for pos, t in enumerate(members):
+                    src = models.tasks[tasks[t]]
+                    for name in block.params:
+                        tensors[f"g{gi}/m{pos}/{name}"] = src.get(name).contiguous()
+            else:
+                idx = torch.tensor(list(members))
+                group = GroupInput(task_vectors={n: taus[n].index_select(0, idx) for n in block.params},
+                                   base={n: base32[n] for n in block.params}, task_ids=list(members),
+                                   block=block.name, seed=method.seed)
+                stored = method.merge(group)
+                for name in block.params:
+                    dtype = models.mergeable[name].dtype
+                    merged = stored.merged[name]
+                    if kind == "merged":
+                        if stored.needs_base:  # a mask method whose layout chose plain merging
+                            raise RuntimeError("mask method in a plain layout")
+                        tensors[f"g{gi}/merged/{name}"] = (base32[name] + merged).to(dtype).contiguous()
+                    else:
+                        tensors[f"g{gi}/delta/{name}"] = merged.to(dtype).contiguous()
+                        if stored.masks is not None:
+                            for pos in range(len(members)):
+                                tensors[f"g{gi}/mask{pos}/{name}"] = pack_mask(stored.masks[name][pos])
+                if kind == "masked" and stored.scalars is not None:
+                    tensors[f"g{gi}/scalars"] = stored.scalars.to(torch.float32).reshape(-1).contiguous()
+            records.append(rec)
+        yield StoredBlock(block.name, bi, layout.store_base, records, tensors, layout.nbytes)
+        if progress is not None:
+            progress(bi + 1, len(blocks))

@@ -1,0 +1,174 @@
+"""The merge-method interface: what every data-free method implements, and what the engine stores.
+
+A method sees task vectors, never files or plans (ARCHITECTURE.md, "methods/"). Three hooks:
+
+* :meth:`MergeMethod.global_pass` (optional) runs over *all* task vectors of *all* tasks before
+  planning, e.g. TIES's global top-k trim (Yadav et al. 2023; FlexMerge Appendix B.1).
+* :meth:`MergeMethod.transform` maps the stacked task vectors ``[N, *shape]`` of one tensor to what
+  both similarity and merging see (TIES: trimmed; DARE: dropped and rescaled). Default: identity.
+* :meth:`MergeMethod.merge` turns one block group (``g >= 2`` tasks) into a :class:`StoredGroup`.
+
+Rebuild rule for a task ``t`` at position ``i`` of a group (FlexMerge Sec. 3, and the mask
+methods' own papers)::
+
+    theta_t = theta_0 + scalars[i] * (masks[name][i] * merged[name])
+
+with ``scalars`` = 1 and ``masks`` = all-ones when absent. Plain methods (no masks, no scalars) are
+stored as merged *weights* ``theta_0 + merged`` so that they need no pretrained block; mask methods
+store ``merged`` plus bit-packed masks, scalars and the pretrained block once per block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Iterator
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ..errors import FlexMergeError
+
+TaskVectorStream = Callable[[], Iterator[tuple[str, torch.Tensor]]]
+"""Calling it starts one pass over every mergeable tensor: yields ``(name, taus)`` with ``taus`` the
+float32 task vectors of all N tasks stacked as ``[N, *shape]`` (before :meth:`transform`)."""
+
+
+class MethodParams(BaseModel):
+    """Base of every method's hyper-parameters: unknown keys are an error."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+@dataclass
+class GroupInput:
+    """One block group handed to :meth:`MergeMethod.merge`.
+
+    ``task_vectors[name]`` is ``[g, *shape]`` float32 (after :meth:`MergeMethod.transform`), rows in
+    the order of ``task_ids`` (indices into the config's task list); ``base[name]`` is the
+    pretrained tensor in float32; ``block`` names the block (for seeding and messages).
+    """
+
+    task_vectors: dict[str, torch.Tensor]
+    base: dict[str, torch.Tensor]
+    task_ids: list[int]
+    block: str = ""
+    seed: int = 0
+
+    @property
+    def size(self) -> int:
+        return len(self.task_ids)
+
+
+@dataclass
+class StoredGroup:
+    """What a method stores for one group.
+
+    ``merged[name]``: the merged task vector (float32, shape of the parameter).
+    ``masks[name]``: optional bool ``[g, *shape]``, one mask per member (stored one bit each).
+    ``scalars``: optional float32 ``[g]``, one rescaler per member.
+    """
+
+    merged: dict[str, torch.Tensor]
+    masks: dict[str, torch.Tensor] | None = None
+    scalars: torch.Tensor | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def needs_base(self) -> bool:
+        return self.masks is not None or self.scalars is not None
+
+    def rebuild_delta(self, position: int, name: str) -> torch.Tensor:
+        """The task vector that member ``position`` rebuilds for parameter ``name``."""
+        delta = self.merged[name]
+        if self.masks is not None:
+            delta = delta * self.masks[name][position]
+        if self.scalars is not None:
+            delta = delta * self.scalars[position]
+        return delta
+
+
+class MergeMethod:
+    """Base class of all merge methods; subclasses set ``name``, ``Params`` and :meth:`merge`.
+
+    Class attributes used for exact size accounting (see :mod:`flexmerge.sizes`):
+    ``stores_masks`` (one bit per element per member) and ``stores_scalars`` (one float32 per
+    member); either implies the pretrained block is stored once per block.
+    """
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type[MethodParams]] = MethodParams
+    stores_masks: ClassVar[bool] = False
+    stores_scalars: ClassVar[bool] = False
+    randomized: ClassVar[bool] = False
+
+    def __init__(self, seed: int = 0, **params):
+        try:
+            self.params = self.Params(**params)
+        except ValidationError as exc:
+            raise FlexMergeError(_describe_param_error(self, exc)) from None
+        self.seed = int(seed)
+
+    # -- hooks -------------------------------------------------------------------------------
+    def global_pass(self, stream: TaskVectorStream, num_tasks: int) -> None:
+        """Optional pass over all task vectors before planning (default: nothing)."""
+
+    def transform(self, name: str, taus: torch.Tensor) -> torch.Tensor:
+        """Task vectors of one tensor, ``[N, *shape]``, as similarity and merging see them."""
+        return taus
+
+    def merge(self, group: GroupInput) -> StoredGroup:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- helpers -----------------------------------------------------------------------------
+    @property
+    def needs_base(self) -> bool:
+        return self.stores_masks or self.stores_scalars
+
+    @property
+    def has_global_pass(self) -> bool:
+        return type(self).global_pass is not MergeMethod.global_pass
+
+    @property
+    def transforms(self) -> bool:
+        return type(self).transform is not MergeMethod.transform
+
+    def describe(self) -> dict:
+        """``{"name": ..., **params}`` as written to manifests and plans."""
+        return {"name": self.name, **self.params.model_dump(by_alias=True)}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params.model_dump(by_alias=True).items())
+        return f"{type(self).__name__}({args})"
+
+
+def _describe_param_error(method: MergeMethod, exc: ValidationError) -> str:
+    allowed = ", ".join(
+        (f.alias or k) for k, f in method.Params.model_fields.items()
+    ) or "none"
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "parameters"
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown parameter '{loc}' (allowed: {allowed})")
+        else:
+            parts.append(f"parameter '{loc}': {err['msg']}")
+    return f"method '{method.name}': " + "; ".join(parts)
+
+
+def group_mean(group: GroupInput) -> dict[str, torch.Tensor]:
+    """Mean task vector of a group, per parameter (FlexMerge Eq. for block-level averaging)."""
+    return {name: taus.mean(dim=0) for name, taus in group.task_vectors.items()}
+
+
+def seeded_generator(seed: int, *keys: object) -> torch.Generator:
+    """A CPU generator seeded from ``seed`` and stable keys (task index, tensor name...).
+
+    Randomness is keyed by *what* it applies to, never by call order, so results are the same
+    whatever the plan, block order or number of groups.
+    """
+    import zlib
+
+    text = "\x1f".join(str(k) for k in (seed, *keys))
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(zlib.crc32(text.encode()) + (int(seed) << 32) & 0x7FFF_FFFF_FFFF_FFFF)
+    return gen

@@ -1,0 +1,151 @@
+"""Open base + task checkpoints and check everything that can be checked before heavy work.
+
+Checked from headers only (no tensor data read): at least two tasks, the same mergeable names in
+base and every task, equal shapes, equal floating dtypes. Names matching ``exclude`` are
+task-specific (never merged, may differ in shape). Non-floating tensors (integer buffers such as
+``position_ids``) are kept per task like excluded ones. Tied weights (names sharing one storage in
+the base, e.g. an LM head tied to the embeddings) are merged once under the first name.
+Finiteness needs the values, so :meth:`ModelSet.stream` checks it on the one streaming pass,
+before anything is written.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from .blocks import BlockMap, build_block_map
+from .config import MergeConfig, make_config
+from .errors import FlexMergeError
+from .io import CheckpointSource, TensorInfo, open_checkpoint
+
+
+@dataclass
+class ModelSet:
+    """The validated inputs: sources, mergeable tensors, blocks, task-specific tensors."""
+
+    config: MergeConfig
+    base: CheckpointSource
+    tasks: dict[str, CheckpointSource]
+    mergeable: dict[str, TensorInfo]
+    blockmap: BlockMap
+    task_specific: dict[str, list[str]]  # task -> names kept per task (excluded + buffers)
+    aliases: dict[str, str] = field(default_factory=dict)  # tied name -> canonical name
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.tasks)
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    def task_specific_bytes(self) -> dict[str, int]:
+        return {t: sum(self.tasks[t].info(n).nbytes for n in names)
+                for t, names in self.task_specific.items()}
+
+    # ------------------------------------------------------------------------------------
+    def stream(self, names: Sequence[str] | None = None) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        """One pass: ``(name, base float32, taus float32 [N, *shape])`` for each mergeable tensor.
+
+        Holds one tensor of the base and of each task at a time (ARCHITECTURE.md, "Memory").
+        Non-finite values are an error naming the task and the tensor.
+        """
+        for name in names if names is not None else self.blockmap_order():
+            base = self.base.get(name)
+            _check_finite(base, "base", name)
+            base32 = base.to(torch.float32)
+            taus = torch.empty((self.num_tasks, *base.shape), dtype=torch.float32)
+            for i, (task, src) in enumerate(self.tasks.items()):
+                t = src.get(name)
+                _check_finite(t, f"task '{task}'", name)
+                torch.sub(t.to(torch.float32), base32, out=taus[i])
+            yield name, base32, taus
+
+    def blockmap_order(self) -> list[str]:
+        return [p for b in self.blockmap.blocks for p in b.params]
+
+    def task_vector_stream(self):
+        """A :data:`~flexmerge.methods.base.TaskVectorStream` for methods' global passes."""
+        def start():
+            for name, _base, taus in self.stream():
+                yield name, taus
+        return start
+
+    def close(self) -> None:
+        self.base.close()
+        for s in self.tasks.values():
+            s.close()
+
+
+def _check_finite(t: torch.Tensor, who: str, name: str) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+        raise FlexMergeError(f"{who}: tensor '{name}' contains {bad} values; fix or re-export that "
+                             "checkpoint (merging needs finite weights)")
+
+
+def open_models(cfg: MergeConfig | dict) -> ModelSet:
+    """Open and validate every checkpoint of ``cfg`` (headers only)."""
+    cfg = make_config(cfg)
+    base = open_checkpoint(cfg.base, label="base")
+    tasks = {t: open_checkpoint(p, label=f"task '{t}'") for t, p in cfg.tasks.items()}
+    excl = [re.compile(p) for p in cfg.exclude]
+
+    def excluded(name: str) -> bool:
+        return any(rx.search(name) for rx in excl)
+
+    aliases: dict[str, str] = {}
+    for group in base.tied_groups():
+        for alias in group[1:]:
+            aliases[alias] = group[0]
+
+    mergeable: dict[str, TensorInfo] = {}
+    buffers: set[str] = set()
+    for name in base.names():
+        if excluded(name) or name in aliases:
+            continue
+        info = base.info(name)
+        if not info.dtype.is_floating_point:
+            buffers.add(name)
+            continue
+        mergeable[name] = info
+    if not mergeable:
+        raise FlexMergeError(f"base {base.describe()}: no mergeable floating-point tensors "
+                             f"(exclude patterns {cfg.exclude} may match everything)")
+
+    task_specific: dict[str, list[str]] = {}
+    for task, src in tasks.items():
+        names = set(src.names())
+        missing = [n for n in mergeable if n not in names]
+        if missing:
+            raise FlexMergeError(
+                f"task '{task}' ({src.describe()}) lacks tensor '{missing[0]}' of the base"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                + "; give the checkpoint fine-tuned from this base, or add a matching 'exclude' regex")
+        extra = [n for n in src.names() if n not in mergeable and n not in aliases
+                 and n not in buffers and not excluded(n)]
+        if extra:
+            raise FlexMergeError(
+                f"task '{task}' has tensor '{extra[0]}' that the base lacks"
+                + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+                + "; if it is task-specific (a head), add a regex for it to 'exclude'")
+        for name, binfo in mergeable.items():
+            tinfo = src.info(name)
+            if tinfo.shape != binfo.shape:
+                raise FlexMergeError(
+                    f"task '{task}': tensor '{name}' has shape {list(tinfo.shape)} but the base has "
+                    f"{list(binfo.shape)}; if it is task-specific, add it to 'exclude'")
+            if tinfo.dtype != binfo.dtype:
+                raise FlexMergeError(
+                    f"task '{task}': tensor '{name}' is {str(tinfo.dtype).removeprefix('torch.')} but "
+                    f"the base is {str(binfo.dtype).removeprefix('torch.')}; convert the checkpoints "
+                    "to one dtype")
+        own = [n for n in src.names() if n not in mergeable and n not in aliases]
+        task_specific[task] = own
+    blockmap = build_block_map(mergeable, cfg.blocks,
+                               excluded=sorted({n for v in task_specific.values() for n in v}))
+    return ModelSet(cfg, base, tasks, mergeable, blockmap, task_specific, aliases)
