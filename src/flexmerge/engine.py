@@ -25,7 +25,7 @@ from .plan import Grouping, Plan, make_plan
 from .progress import Progress
 from .similarity import block_grams
 from .sizes import CostModel
-from .validate import ModelSet, open_models
+from .validate import STREAM_CHUNK, ModelSet, open_models
 
 
 class FlexMerge:
@@ -73,15 +73,21 @@ class FlexMerge:
     def _run_global_pass(self) -> None:
         if self.method.has_global_pass and not self._global_done:
             with self.progress.task("global pass", total=None):
-                self.method.global_pass(self.models.task_vector_stream(), self.models.num_tasks)
+                self.method.global_pass(self.models.task_vector_stream(self._chunk_elems()),
+                                        self.models.num_tasks)
         self._global_done = True
 
     def grams(self) -> dict:
         """Per-block Gram matrices of (transformed) task vectors: one streaming pass."""
         self._run_global_pass()
         with self.progress.task("similarity", total=len(self.models.mergeable)) as bar:
-            return block_grams(self.models, self.method.transform if self.method.transforms else None,
-                               progress=bar)
+            transform = self.method.transform if self.method.transforms else None
+            return block_grams(self.models, transform, progress=bar, chunk_elems=self._chunk_elems())
+
+    def _chunk_elems(self) -> int | None:
+        """Stream large tensors in chunks unless the method's transform needs whole tensors."""
+        ok = not self.method.transforms or self.method.elementwise_transform
+        return STREAM_CHUNK if ok else None
 
     def plan(self, *, linkage: str | None = None, order: str | None = None, seed: int | None = None,
              grams: dict | None = None) -> Plan:

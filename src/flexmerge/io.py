@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Iterator, Mapping
 
 import torch
-from safetensors import safe_open
 
 from .errors import FlexMergeError
 
@@ -62,8 +61,22 @@ class CheckpointSource:
     def get(self, name: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def get_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Read ``name`` into the preallocated ``out`` (converting the dtype if needed)."""
+        out.copy_(self.get(name))
+        return out
+
+    def get_range(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Elements ``[start, stop)`` of the flattened tensor ``name`` (a 1-D tensor)."""
+        return self.get(name).reshape(-1)[start:stop]
+
+    def get_range_into(self, name: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        out.copy_(self.get_range(name, start, stop))
+        return out
+
     def tied_groups(self) -> list[list[str]]:
-        """Names that are one tensor in this checkpoint (shared storage); sorted, first = canonical."""
+        """Names that are one tensor in this checkpoint (shared storage); the first-appearing name
+        is the canonical one (HF keeps the embedding and drops the tied head)."""
         return []
 
     def files(self) -> list[Path]:
@@ -128,58 +141,132 @@ class StateDictSource(CheckpointSource):
         return h.hexdigest()
 
 
+class _SafetensorsFile:
+    """One safetensors file: the JSON header parsed once, tensors read with ``pread``.
+
+    The format is an 8-byte little-endian header length, a JSON header ``{name: {dtype, shape,
+    data_offsets}}`` and the raw data. Reading each tensor with one ``pread`` into a fresh buffer
+    (instead of keeping the file memory-mapped) means only the tensors in use are resident: a
+    memory map of N checkpoints would count every touched page in the process's RSS until unmapped.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise FlexMergeError(f"checkpoint file not found: {path}; check the path") from None
+        try:
+            size = os.fstat(self.fd).st_size
+            head = os.pread(self.fd, 8, 0)
+            if len(head) != 8:
+                raise ValueError("file shorter than its 8-byte header length")
+            n = int.from_bytes(head, "little")
+            if n <= 0 or 8 + n > size:
+                raise ValueError(f"header length {n} does not fit a {size}-byte file")
+            header = json.loads(os.pread(self.fd, n, 8))
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
+            self.metadata = header.pop("__metadata__", None) or {}
+            self.data_start = 8 + n
+            self.entries: dict[str, tuple[TensorInfo, int, int]] = {}
+            for name, e in header.items():
+                begin, stop = (int(x) for x in e["data_offsets"])
+                info = TensorInfo(tuple(e["shape"]), _st_dtype(e["dtype"], name, path))
+                if stop - begin != info.nbytes or self.data_start + stop > size:
+                    raise ValueError(f"tensor '{name}' has {stop - begin} bytes for shape {e['shape']} "
+                                     f"{e['dtype']} or lies past the end of the file")
+                self.entries[name] = (info, self.data_start + begin, stop - begin)
+        except FlexMergeError:
+            os.close(self.fd)
+            raise
+        except Exception as exc:
+            os.close(self.fd)
+            raise FlexMergeError(f"cannot read {path} as safetensors ({_first_line(exc)}); the file is "
+                                 "corrupted or not a safetensors file: re-create it") from None
+
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        info, offset, nbytes = self.entries[name]
+        if out is None:
+            out = torch.empty(info.shape, dtype=info.dtype)
+        if nbytes:
+            view = memoryview(out.view(-1).view(torch.uint8).numpy())
+            got = os.preadv(self.fd, [view], offset)
+            if got != nbytes:
+                raise FlexMergeError(f"{self.path}: tensor '{name}' is truncated ({got} of {nbytes} "
+                                     "bytes); the file is corrupted: re-create it")
+        return out
+
+    def read_range(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        info, offset, _ = self.entries[name]
+        item = info.dtype.itemsize
+        if out is None:
+            out = torch.empty(stop - start, dtype=info.dtype)
+        view = memoryview(out.view(torch.uint8).numpy())
+        want = (stop - start) * item
+        if want and os.preadv(self.fd, [view], offset + start * item) != want:
+            raise FlexMergeError(f"{self.path}: tensor '{name}' is truncated; the file is corrupted: re-create it")
+        return out
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
 class SafetensorsSource(CheckpointSource):
-    """One or more safetensors files (shards), memory-mapped; each name lives in one file."""
+    """One or more safetensors files (shards); each tensor is read on demand, one at a time."""
 
     def __init__(self, files: list[Path], path: Path, kind: str):
         self.path = path
         self.kind = kind
         self._files = files
-        self._handles: dict[Path, object] = {}
-        self._where: dict[str, Path] = {}
+        self._where: dict[str, _SafetensorsFile] = {}
         for f in files:
-            handle = self._open(f)
-            for name in handle.keys():
+            handle = _SafetensorsFile(f)
+            for name in handle.entries:
                 if name in self._where:
-                    raise FlexMergeError(f"{f}: tensor '{name}' also appears in {self._where[name]}; "
+                    raise FlexMergeError(f"{f}: tensor '{name}' also appears in {self._where[name].path}; "
                                          "remove the duplicate shard")
-                self._where[name] = f
-        self._infos: dict[str, TensorInfo] = {}
-
-    def _open(self, f: Path):
-        if f not in self._handles:
-            try:
-                self._handles[f] = safe_open(str(f), framework="pt", device="cpu")
-            except FileNotFoundError:
-                raise FlexMergeError(f"checkpoint file not found: {f}; check the path") from None
-            except Exception as exc:  # safetensors raises its own error types
-                raise FlexMergeError(f"cannot read {f} as safetensors ({_first_line(exc)}); "
-                                     "the file is corrupted or not a safetensors file: re-create it") from None
-        return self._handles[f]
+                self._where[name] = handle
 
     def names(self) -> list[str]:
         return list(self._where)
 
     def info(self, name: str) -> TensorInfo:
-        info = self._infos.get(name)
-        if info is None:
-            sl = self._open(self._where[name]).get_slice(name)
-            info = TensorInfo(tuple(sl.get_shape()), _st_dtype(sl.get_dtype(), name, self._where[name]))
-            self._infos[name] = info
-        return info
+        return self._where[name].entries[name][0]
 
     def get(self, name: str) -> torch.Tensor:
-        try:
-            return self._open(self._where[name]).get_tensor(name)
-        except Exception as exc:
-            raise FlexMergeError(f"cannot read tensor '{name}' from {self._where[name]} "
-                                 f"({_first_line(exc)}); the file is corrupted: re-create it") from None
+        return self._where[name].read(name)
+
+    def get_range(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._where[name].read_range(name, start, stop)
+
+    def get_range_into(self, name: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        if out.dtype == self.info(name).dtype and out.is_contiguous():
+            return self._where[name].read_range(name, start, stop, out)
+        out.copy_(self.get_range(name, start, stop))
+        return out
+
+    def get_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        info = self.info(name)
+        if out.dtype == info.dtype and out.is_contiguous() and tuple(out.shape) == info.shape:
+            return self._where[name].read(name, out)
+        out.copy_(self._where[name].read(name))
+        return out
 
     def files(self) -> list[Path]:
         return list(self._files)
 
     def close(self) -> None:
-        self._handles.clear()
+        for h in set(self._where.values()):
+            h.close()
 
 
 class TorchSource(CheckpointSource):
@@ -279,7 +366,7 @@ def _shared_storage_groups(sd: Mapping[str, torch.Tensor]) -> list[list[str]]:
             continue
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
         by_ptr.setdefault(key, []).append(name)
-    return [sorted(v) for v in by_ptr.values() if len(v) > 1]
+    return [v for v in by_ptr.values() if len(v) > 1]  # first-appearing name first
 
 
 _ST_DTYPES = {

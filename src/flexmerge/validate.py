@@ -23,6 +23,10 @@ from .errors import FlexMergeError
 from .io import CheckpointSource, TensorInfo, open_checkpoint
 
 
+STREAM_CHUNK = 1 << 22
+"""Elements per chunk when streaming large tensors (16 MiB of float32 per task)."""
+
+
 @dataclass
 class ModelSet:
     """The validated inputs: sources, mergeable tensors, blocks, task-specific tensors."""
@@ -48,30 +52,51 @@ class ModelSet:
                 for t, names in self.task_specific.items()}
 
     # ------------------------------------------------------------------------------------
-    def stream(self, names: Sequence[str] | None = None) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    def stream(self, names: Sequence[str] | None = None, chunk_elems: int | None = None
+               ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
         """One pass: ``(name, base float32, taus float32 [N, *shape])`` for each mergeable tensor.
 
         Holds one tensor of the base and of each task at a time (ARCHITECTURE.md, "Memory").
-        Non-finite values are an error naming the task and the tensor.
+        With ``chunk_elems``, tensors larger than that come as several flat element ranges
+        (``taus`` of shape ``[N, k]``), so memory is bounded by N x chunk. Non-finite values are
+        an error naming the task and the tensor.
         """
         for name in names if names is not None else self.blockmap_order():
-            base = self.base.get(name)
-            _check_finite(base, "base", name)
-            base32 = base.to(torch.float32)
-            taus = torch.empty((self.num_tasks, *base.shape), dtype=torch.float32)
-            for i, (task, src) in enumerate(self.tasks.items()):
-                t = src.get(name)
-                _check_finite(t, f"task '{task}'", name)
-                torch.sub(t.to(torch.float32), base32, out=taus[i])
-            yield name, base32, taus
+            numel = self.mergeable[name].numel
+            step = numel if not chunk_elems or numel <= chunk_elems else chunk_elems
+            for start in range(0, max(numel, 1), max(step, 1)):
+                stop = min(numel, start + step)
+                if step == numel:
+                    base32 = self.base.get(name).to(torch.float32)
+                    taus = torch.empty((self.num_tasks, *base32.shape), dtype=torch.float32)
+                    for i, src in enumerate(self.tasks.values()):
+                        src.get_into(name, taus[i])
+                else:
+                    base32 = self.base.get_range(name, start, stop).to(torch.float32)
+                    taus = torch.empty((self.num_tasks, stop - start), dtype=torch.float32)
+                    for i, src in enumerate(self.tasks.values()):
+                        src.get_range_into(name, start, stop, taus[i])
+                taus.sub_(base32)
+                # One reduction instead of an isfinite pass per tensor: any NaN/Inf in the base or
+                # a task makes the sum non-finite; only then find and name the culprit.
+                if not bool(torch.isfinite(taus.sum())):
+                    self._name_non_finite(name)
+                yield name, base32, taus
+
+    def _name_non_finite(self, name: str) -> None:
+        _check_finite(self.base.get(name), "base", name)
+        for task, src in self.tasks.items():
+            _check_finite(src.get(name), f"task '{task}'", name)
+        # finite weights whose float32 sum overflowed: nothing wrong with the input
 
     def blockmap_order(self) -> list[str]:
         return [p for b in self.blockmap.blocks for p in b.params]
 
-    def task_vector_stream(self):
-        """A :data:`~flexmerge.methods.base.TaskVectorStream` for methods' global passes."""
+    def task_vector_stream(self, chunk_elems: int | None = None):
+        """A :data:`~flexmerge.methods.base.TaskVectorStream` for methods' global passes
+        (large tensors as flat chunks when ``chunk_elems`` is given)."""
         def start():
-            for name, _base, taus in self.stream():
+            for name, _base, taus in self.stream(chunk_elems=chunk_elems):
                 yield name, taus
         return start
 

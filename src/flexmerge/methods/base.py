@@ -30,7 +30,9 @@ from ..errors import FlexMergeError
 
 TaskVectorStream = Callable[[], Iterator[tuple[str, torch.Tensor]]]
 """Calling it starts one pass over every mergeable tensor: yields ``(name, taus)`` with ``taus`` the
-float32 task vectors of all N tasks stacked as ``[N, *shape]`` (before :meth:`transform`)."""
+float32 task vectors of all N tasks stacked as ``[N, *shape]`` (before :meth:`transform`). When the
+method's transform is elementwise (or absent), a large tensor may come as several flat element
+ranges ``[N, k]`` under the same name."""
 
 
 class MethodParams(BaseModel):
@@ -100,6 +102,10 @@ class MergeMethod:
     stores_masks: ClassVar[bool] = False
     stores_scalars: ClassVar[bool] = False
     randomized: ClassVar[bool] = False
+    elementwise_transform: ClassVar[bool] = False
+    """True when :meth:`transform` on a flat element range of a tensor equals that range of the
+    transform of the whole tensor (e.g. a trim by per-task thresholds): the similarity pass may
+    then stream large tensors in chunks, bounding memory by N x chunk instead of N x tensor."""
 
     def __init__(self, seed: int = 0, **params):
         try:

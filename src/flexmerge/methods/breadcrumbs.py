@@ -1,0 +1,81 @@
+"""Model Breadcrumbs (Davari & Belilovsky, ECCV 2024): mask outliers and negligible entries per
+layer, then task arithmetic.
+
+For every task ``t`` and every tensor (the paper's "layer") the entries are ranked by ``|tau_t|``;
+the top ``beta`` fraction (large outliers) and the bottom ``gamma`` fraction (negligible
+perturbations) are masked (paper Sec. 3, mask ``m^{beta,gamma}``):
+``n_top = floor(beta * d)``, ``n_bottom = floor(gamma * d)``, and exactly the
+``d - n_top - n_bottom`` middle-ranked entries survive (ties in ``|tau|`` broken by position, so
+the count is exact). The masking is a :meth:`Breadcrumbs.transform` -- per task, independent of
+the group -- so similarity and merging both see the breadcrumbs, as for TIES and DARE. Then
+FlexMerge's block-level task arithmetic: ``theta = theta_0 + lambda * mean_t breadcrumbs_t``.
+
+Names and defaults, and where they differ:
+
+* ``beta`` (top fraction masked) is the paper's beta and **mergekit's ``gamma``**; ``gamma``
+  (bottom fraction masked) is the paper's gamma; mergekit's ``density`` = ``1 - beta - gamma``.
+* Defaults ``beta`` = 0.01 (mergekit's default for its outlier fraction) and ``gamma`` = 0.85
+  (the authors' released search starts from keeping the top 15% after the outliers); the paper
+  tunes both with the scaling factor, so treat them as starting points.
+* The paper and mergekit add ``alpha * sum_t``; we use ``lambda * mean_t`` (FlexMerge's form,
+  so groups of different sizes keep the same scale): their ``alpha`` is our ``lambda / g``.
+* The authors' code ranks along the last dimension (per row of a weight matrix); we rank over
+  the whole tensor, as the paper's "layer" and mergekit do.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import torch
+from pydantic import Field, model_validator
+
+from .base import GroupInput, MergeMethod, MethodParams, StoredGroup
+from .registry import register
+
+
+def breadcrumbs_mask(taus: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
+    """Bool mask ``[N, *shape]``: per row, the entries ranked (by ``|tau|``, ascending, stable)
+    in ``[floor(gamma * d), d - floor(beta * d))``."""
+    n = taus.shape[0]
+    flat = taus.reshape(n, -1)
+    d = flat.shape[1]
+    n_top = int(Fraction(repr(float(beta))) * d)
+    n_bottom = int(Fraction(repr(float(gamma))) * d)
+    if n_top == 0 and n_bottom == 0:
+        return torch.ones_like(taus, dtype=torch.bool)
+    keep = torch.zeros(n, d, dtype=torch.bool, device=taus.device)
+    for t in range(n):  # one task at a time: the sort indices of one row are the peak memory
+        order = torch.argsort(flat[t].abs(), stable=True)
+        keep[t, order[n_bottom:d - n_top]] = True
+    return keep.reshape(taus.shape)
+
+
+class BreadcrumbsParams(MethodParams):
+    beta: float = Field(0.01, ge=0, lt=1,
+                        description="top fraction of |tau| per task and tensor masked (outliers)")
+    gamma: float = Field(0.85, ge=0, lt=1,
+                         description="bottom fraction of |tau| per task and tensor masked")
+    lam: float = Field(1.0, alias="lambda", gt=0, description="scaling of the mean of the breadcrumbs")
+
+    @model_validator(mode="after")
+    def _something_kept(self):
+        if self.beta + self.gamma >= 1:
+            raise ValueError(
+                f"beta + gamma must be < 1 (got {self.beta} + {self.gamma}); nothing would be kept")
+        return self
+
+
+@register
+class Breadcrumbs(MergeMethod):
+    """Per task and tensor, mask the top ``beta`` and bottom ``gamma`` of ``|tau|``; lambda * mean."""
+
+    name = "breadcrumbs"
+    Params = BreadcrumbsParams
+
+    def transform(self, name: str, taus: torch.Tensor) -> torch.Tensor:
+        return taus * breadcrumbs_mask(taus, self.params.beta, self.params.gamma)
+
+    def merge(self, group: GroupInput) -> StoredGroup:
+        lam = self.params.lam
+        return StoredGroup(merged={n: lam * t.mean(dim=0) for n, t in group.task_vectors.items()})

@@ -1,0 +1,175 @@
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import bert_like, finetune, gpt2_like, llama_like, write_checkpoint
+from flexmerge import available_methods
+from flexmerge.bundle import Bundle
+from flexmerge.engine import FlexMerge
+from flexmerge.io import open_checkpoint
+
+FAMILIES = {"bert": bert_like, "gpt2": gpt2_like, "llama": llama_like}
+
+
+def make_set(tmp_path, family="bert", kind="safetensors", n=3, exclude=True):
+    base = FAMILIES[family](0)
+    tasks = {}
+    for i in range(n):
+        heads = {"classifier.weight": torch.randn(2 + i, 8), "classifier.bias": torch.randn(2 + i)} \
+            if family == "bert" else None
+        tasks[f"t{i}"] = str(write_checkpoint(finetune(base, i, heads=heads), tmp_path / f"t{i}", kind))
+    cfg = {"base": str(write_checkpoint(base, tmp_path / "base", kind)), "tasks": tasks}
+    if family == "bert" and exclude:
+        cfg["exclude"] = [r"classifier\..*"]
+    return cfg
+
+
+def load_sd(path):
+    src = open_checkpoint(path)
+    return {n: src.get(n) for n in src.names()}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("kind", ["hf_dir", "safetensors", "torch"])
+def test_size_n_rebuilds_every_task_exactly(tmp_path, family, kind):
+    cfg = make_set(tmp_path, family, kind)
+    fm = FlexMerge(cfg, method="task_arithmetic")
+    bundle = fm.merge(3.0, out=tmp_path / "out")
+    assert bundle.size_units == 3.0
+    for t, path in cfg["tasks"].items():
+        sd = bundle.state_dict(t)
+        ref = load_sd(path)
+        assert list(sd) == list(ref)
+        for k in ref:
+            assert torch.equal(sd[k], ref[k]), (t, k)
+
+
+@pytest.mark.parametrize("method", available_methods())
+def test_every_method_rebuilds_exactly_at_size_n(tmp_path, method):
+    cfg = make_set(tmp_path, "bert", "safetensors")
+    fm = FlexMerge(cfg, method=method)
+    bundle = fm.merge(3.0)
+    for t, path in cfg["tasks"].items():
+        ref = load_sd(path)
+        sd = bundle.state_dict(t)
+        assert all(torch.equal(sd[k], ref[k]) for k in ref), t
+
+
+@pytest.mark.parametrize("lam", [1.0, 1.5])
+def test_task_arithmetic_at_one_unit_is_hand_computed(tmp_path, lam):
+    cfg = make_set(tmp_path, "bert", "safetensors")
+    fm = FlexMerge(cfg, method={"name": "task_arithmetic", "lambda": lam})
+    bundle = fm.merge(1.0)
+    assert bundle.size_units == 1.0
+    base = load_sd(cfg["base"])
+    fts = [load_sd(p) for p in cfg["tasks"].values()]
+    for k, b in base.items():
+        if k.startswith("classifier"):
+            continue
+        expected = b + lam * sum(ft[k] - b for ft in fts) / 3
+        for t in cfg["tasks"]:
+            torch.testing.assert_close(bundle.state_dict(t)[k], expected, rtol=0, atol=1e-6)
+    # heads stay task-specific
+    for t, ft in zip(cfg["tasks"], fts):
+        assert torch.equal(bundle.state_dict(t)["classifier.weight"], ft["classifier.weight"])
+
+
+def test_average_equals_task_arithmetic_lambda_one(tmp_path):
+    cfg = make_set(tmp_path)
+    a = FlexMerge(cfg, method="average").merge(1.0).state_dict("t0")
+    b = FlexMerge(cfg, method={"name": "task_arithmetic", "lambda": 1.0}).merge(1.0).state_dict("t0")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_tasks_in_one_group_share_stored_tensors_and_bytes_are_exact(tmp_path):
+    cfg = make_set(tmp_path)
+    fm = FlexMerge(cfg, method="task_arithmetic")
+    plan = fm.plan()
+    for size in (3.0, 2.2, 1.5, 1.0):
+        bundle = fm.merge(size, out=tmp_path / f"b{size}")
+        grouping = plan.at(size)
+        assert bundle.size_bytes == grouping.size_bytes <= size * plan.unit_bytes
+        stored = 0
+        for rel in bundle.manifest["files"]:
+            if "block-" in rel:
+                with safe_open(str(tmp_path / f"b{size}" / rel), "pt") as fh:
+                    stored += sum(fh.get_slice(k).get_shape().numel() * 4 if hasattr(fh.get_slice(k).get_shape(), "numel")
+                                  else _numel(fh.get_slice(k).get_shape()) * 4 for k in fh.keys())
+        assert stored == bundle.size_bytes
+
+
+def _numel(shape):
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def test_mask_method_sizes_and_minimum(tmp_path):
+    cfg = make_set(tmp_path, n=4)
+    fm = FlexMerge(cfg, method="consensus")
+    plan = fm.plan()
+    # pretrained + merged + 4 one-bit masks per element of fp32 weights: 2 + 4/32 units
+    # (per-tensor rounding of masks up to whole bytes adds a little)
+    assert 2 + 4 / 32 <= plan.min_units < 2 + 4 / 32 + 0.02
+    sizes = plan.sizes()
+    assert all(b <= a for a, b in zip(sizes, sizes[1:]))
+    bundle = fm.merge(plan.min_units, out=tmp_path / "m")
+    total = 0
+    for rel in bundle.manifest["files"]:
+        if "block-" in rel:
+            with safe_open(str(tmp_path / "m" / rel), "pt") as fh:
+                for k in fh.keys():
+                    sl = fh.get_slice(k)
+                    total += _numel(sl.get_shape()) * {"F32": 4, "U8": 1}[sl.get_dtype()]
+    assert total == bundle.size_bytes
+
+
+def test_tied_weights_counted_once_and_exported_as_source(tmp_path):
+    cfg = make_set(tmp_path, "gpt2", "torch")
+    fm = FlexMerge(cfg, method="task_arithmetic")
+    assert "lm_head.weight" not in fm.models.mergeable
+    assert fm.models.aliases == {"lm_head.weight": "transformer.wte.weight"} or \
+        fm.models.aliases == {"transformer.wte.weight": "lm_head.weight"}
+    bundle = fm.merge(1.0, out=tmp_path / "out")
+    out = bundle.export("t1", tmp_path / "t1-merged.pt")
+    sd = torch.load(out, weights_only=True)
+    assert sd["lm_head.weight"].data_ptr() == sd["transformer.wte.weight"].data_ptr()
+
+
+def test_export_keeps_hf_files_and_round_trips(tmp_path):
+    cfg = make_set(tmp_path, "bert", "hf_dir")
+    bundle = FlexMerge(cfg).merge(2.0, out=tmp_path / "out")
+    loaded = Bundle.load(tmp_path / "out", verify=True)
+    out = loaded.export("t2", tmp_path / "t2-merged")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "vocab.txt"]
+    assert json.loads((out / "config.json").read_text())["name"] == "t2"
+    exported = load_sd(out)
+    expect = bundle.state_dict("t2")
+    assert list(exported) == list(expect) and all(torch.equal(exported[k], expect[k]) for k in expect)
+
+
+def test_plan_is_deterministic_and_reusable_for_other_linkages(tmp_path):
+    cfg = make_set(tmp_path, n=4)
+    p1 = FlexMerge(cfg).plan()
+    p2 = FlexMerge(cfg).plan()
+    assert p1.steps == p2.steps
+    fm = FlexMerge(cfg)
+    fm.plan()
+    # re-planning from the Gram matrices reads no tensor
+    fm.models.stream = None
+    other = fm.plan(linkage="avg", order="right-left")
+    assert other.linkage == "avg" and other.steps[0].block == p1.blocks[-1]
+
+
+def test_bf16_checkpoints_store_bf16(tmp_path):
+    base = {k: v.to(torch.bfloat16) for k, v in bert_like(0).items()}
+    tasks = {f"t{i}": str(write_checkpoint({k: v.to(torch.bfloat16) for k, v in finetune(base, i).items()},
+                                           tmp_path / f"t{i}", "safetensors")) for i in range(2)}
+    cfg = {"base": str(write_checkpoint(base, tmp_path / "base", "safetensors")), "tasks": tasks}
+    fm = FlexMerge(cfg)
+    b = fm.merge(1.0)
+    assert b.state_dict("t0")["bert.encoder.layer.0.mlp" if False else "bert.encoder.layer.0.intermediate.dense.weight"].dtype == torch.bfloat16
+    assert fm.plan().unit_bytes == sum(v.numel() * 2 for k, v in base.items())
