@@ -173,3 +173,39 @@ def test_bf16_checkpoints_store_bf16(tmp_path):
     b = fm.merge(1.0)
     assert b.state_dict("t0")["bert.encoder.layer.0.mlp" if False else "bert.encoder.layer.0.intermediate.dense.weight"].dtype == torch.bfloat16
     assert fm.plan().unit_bytes == sum(v.numel() * 2 for k, v in base.items())
+
+
+def test_apply_task_in_place_rebuilds_each_task_and_restores(tmp_path):
+    cfg = make_set(tmp_path, n=4)
+    fm = FlexMerge(cfg, method="emr")
+    bundle = fm.merge(fm.plan().min_units, out=tmp_path / "emr")
+    model = torch.nn.Module()
+    sd0 = bundle.state_dict("t0")
+    for name, t in sd0.items():
+        model.register_buffer(name.replace(".", "__"), t.clone())
+    # a module whose state_dict keys are the bundle's names
+    class Holder(torch.nn.Module):
+        def __init__(self, sd):
+            super().__init__()
+            self.p = torch.nn.ParameterDict({k.replace(".", "__"): torch.nn.Parameter(v.clone()) for k, v in sd.items()})
+
+        def state_dict(self, *a, keep_vars=False, **k):
+            return {kk.replace("__", "."): v for kk, v in self.p.items()}
+
+    holder = Holder(sd0)
+    ptrs = {k: v.data_ptr() for k, v in holder.state_dict().items()}
+    bundle.apply_task(holder, "t0")
+    with bundle.task_weights(holder, "t2"):
+        got = holder.state_dict()
+        want = bundle.state_dict("t2")
+        assert all(torch.equal(got[k], want[k]) for k in want if not k.startswith("classifier"))
+    got = holder.state_dict()
+    assert all(torch.equal(got[k], sd0[k]) for k in sd0)
+    assert {k: v.data_ptr() for k, v in holder.state_dict().items()} == ptrs  # in place
+
+
+def test_model_preset_is_whole_model_merging(tmp_path):
+    cfg = make_set(tmp_path, n=3)
+    fm = FlexMerge({**cfg, "blocks": "model"})
+    plan = fm.plan()
+    assert plan.blocks == ["model"] and [s.size_units for s in plan.steps] == [2.0, 1.0]

@@ -7,6 +7,8 @@ Presets (issue "engine", Blocks):
   their own blocks.
 * ``layer``: one block per layer index (top-level modules as in ``component``).
 * ``tensor``: one block per tensor.
+* ``model``: one block for the whole model: plain whole-model merging (sizes N, N-1, ..., 1), where
+  block-level statistics (PCB's normalisation, EMR's rescalers) become the papers' whole-model ones.
 * user rules: ordered ``{pattern, block}`` regexes; the first match wins and ``block`` may use the
   pattern's groups. Names no rule matches fall back to ``component``.
 
@@ -150,9 +152,10 @@ def assign_blocks(names: Iterable[str], spec: str | Sequence[BlockRule | dict] =
     """Map every parameter name to its block name."""
     names = list(names)
     if isinstance(spec, str):
-        fn = {"component": component_block, "layer": layer_block, "tensor": lambda n: n}.get(spec)
+        fn = {"component": component_block, "layer": layer_block, "tensor": lambda n: n,
+              "model": lambda n: "model"}.get(spec)
         if fn is None:
-            raise FlexMergeError(f"unknown blocks preset '{spec}'; use component, layer, tensor or a "
+            raise FlexMergeError(f"unknown blocks preset '{spec}'; use component, layer, tensor, model or a "
                                  "list of {pattern, block} rules")
         return {n: fn(n) for n in names}
     rules = [r if isinstance(r, BlockRule) else BlockRule(**r) for r in spec]

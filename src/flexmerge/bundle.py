@@ -16,6 +16,7 @@ al. 2024). Writing goes to a temporary directory renamed into place at the end (
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -234,6 +235,63 @@ class Bundle:
                 out[alias] = out[canonical]
         order = self.manifest["task_keys"][task]
         return {k: out[k] for k in order}
+
+    def apply_task(self, model: torch.nn.Module, task: str, blocks: Iterable[str] | None = None) -> None:
+        """Write ``task``'s weights into ``model``'s existing parameters and buffers, in place.
+
+        FlexMerge Appendix C.9: with mask methods a deployment keeps one preallocated model and
+        rebuilds ``theta_0 + gamma_t * m_t ⊙ tau`` into it when switching tasks, instead of
+        storing N models. Only the blocks whose stored form differs between the current and the
+        new task need rewriting; pass ``blocks`` to restrict the work.
+        """
+        self._check_task(task)
+        params = model.state_dict(keep_vars=True)
+        wanted = set(blocks) if blocks is not None else None
+        names = [n for b in self.blocks for n in b.params]
+        missing = [n for n in names if n not in params]
+        if missing:
+            raise FlexMergeError(f"model has no parameter '{missing[0]}' of the bundle"
+                                 + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                                 + "; build the model of the fine-tuned checkpoints")
+        with torch.no_grad():
+            for block in self.blocks:
+                if wanted is not None and block.name not in wanted:
+                    continue
+                gi, pos = self.group_of(task, block.name)
+                kind = block.groups[gi]["kind"]
+                for name in block.params:
+                    target = params[name].data
+                    if kind == "masked":
+                        self.rebuild_masked(block, gi, pos, name, out=target)
+                    else:
+                        key = f"g{gi}/m{pos}/{name}" if kind == "original" else f"g{gi}/merged/{name}"
+                        target.copy_(self.tensor(block.file, key))
+            spec = self.manifest["task_specific"].get(task, {})
+            for name in spec.get("names", []):
+                if name in params and params[name].shape == self.tensor(spec["file"], name).shape:
+                    params[name].data.copy_(self.tensor(spec["file"], name))
+        model._flexmerge_task = task
+
+    @contextlib.contextmanager
+    def task_weights(self, model: torch.nn.Module, task: str, restore: str | None = None):
+        """``with bundle.task_weights(model, "sst2"): ...`` runs with sst2's weights rebuilt in
+        place, then rebuilds ``restore`` (default: the task the model held before, if it was set
+        by this bundle) so that no copy of the weights is ever kept."""
+        previous = restore if restore is not None else getattr(model, "_flexmerge_task", None)
+        changed = None
+        if previous is not None and previous in self._where:
+            changed = [b.name for b in self.blocks if self._differs(previous, task, b)]
+        self.apply_task(model, task, blocks=changed)
+        try:
+            yield model
+        finally:
+            if previous is not None:
+                self.apply_task(model, previous, blocks=changed)
+
+    def _differs(self, a: str, b: str, block: BlockEntry) -> bool:
+        ga, pa = self._where[a][block.name]
+        gb, pb = self._where[b][block.name]
+        return ga != gb or block.groups[ga]["kind"] != "merged" and pa != pb
 
     def export(self, task: str, out: str | os.PathLike) -> Path:
         """Write one task as the same kind of checkpoint as its input, atomically."""

@@ -42,7 +42,7 @@ ConfigArg = typer.Argument(None, help="merge config (YAML); keys can be overridd
 BaseOpt = typer.Option(None, "--base", help="pretrained checkpoint (overrides 'base')")
 TaskOpt = typer.Option(None, "--task", "-t", help="NAME=PATH, repeatable (overrides 'tasks')")
 ExcludeOpt = typer.Option(None, "--exclude", help="regex of task-specific parameters, repeatable")
-BlocksOpt = typer.Option(None, "--blocks", help="component | layer | tensor")
+BlocksOpt = typer.Option(None, "--blocks", help="component | layer | tensor | model")
 MethodOpt = typer.Option(None, "--method", "-m", help="merge method (see 'flexmerge methods')")
 SetOpt = typer.Option(None, "--set", help="method parameter KEY=VALUE, repeatable (e.g. lambda=1.5)")
 LinkageOpt = typer.Option(None, "--linkage", help="min | max | avg")

@@ -18,7 +18,7 @@ from .errors import FlexMergeError
 
 Linkage = Literal["min", "max", "avg"]
 Order = Literal["greedy", "left-right", "right-left", "random"]
-BlockPreset = Literal["component", "layer", "tensor"]
+BlockPreset = Literal["component", "layer", "tensor", "model"]
 CheckpointRef = Any  # a path (str / PathLike) or an in-memory {name: tensor} mapping
 
 

@@ -77,8 +77,12 @@ def materialize(models: ModelSet, method: MergeMethod, grouping: Grouping, cost:
                     for name in block.params:
                         tensors[f"g{gi}/m{pos}/{name}"] = src.get(name).contiguous()
             else:
-                idx = torch.tensor(list(members))
-                group = GroupInput(task_vectors={n: taus[n].index_select(0, idx) for n in block.params},
+                if list(members) == list(range(len(tasks))):
+                    rows = taus  # the whole stack: no copy
+                else:
+                    idx = torch.tensor(list(members))
+                    rows = {n: taus[n].index_select(0, idx) for n in block.params}
+                group = GroupInput(task_vectors={n: rows[n] for n in block.params},
                                    base={n: base32[n] for n in block.params}, task_ids=list(members),
                                    block=block.name, seed=method.seed)
                 stored = method.merge(group)

@@ -153,11 +153,14 @@ def _describe_param_error(method: MergeMethod, exc: ValidationError) -> str:
     ) or "none"
     parts = []
     for err in exc.errors():
-        loc = ".".join(str(x) for x in err["loc"]) or "parameters"
+        loc = ".".join(str(x) for x in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             parts.append(f"unknown parameter '{loc}' (allowed: {allowed})")
+        elif loc:
+            parts.append(f"parameter '{loc}': {msg}")
         else:
-            parts.append(f"parameter '{loc}': {err['msg']}")
+            parts.append(msg)
     return f"method '{method.name}': " + "; ".join(parts)
 
 

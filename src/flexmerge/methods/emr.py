@@ -39,6 +39,9 @@ class EMRParams(MethodParams):
     pass
 
 
+_CHUNK = 1 << 20
+
+
 def emr_elect(taus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(tau_uni, masks)`` for one tensor's stack ``[g, *shape]`` (Eq. 2-4)."""
     flag = torch.where(taus.sum(dim=0) > 0, 1.0, -1.0).to(taus.dtype)
@@ -66,9 +69,12 @@ class EMRMerge(MergeMethod):
             uni, mask = emr_elect(taus)
             merged[name] = uni.to(torch.float32)
             masks[name] = mask
-            flat = taus.reshape(g, -1).to(torch.float64)
-            numer += flat.abs().sum(dim=1).cpu()
-            denom += (mask.reshape(g, -1) * uni.reshape(1, -1).to(torch.float64)).abs().sum(dim=1).cpu()
+            flat, mflat, uflat = taus.reshape(g, -1), mask.reshape(g, -1), uni.reshape(1, -1)
+            # float64 sums, in column chunks so that no float64 copy of the whole stack exists
+            for start in range(0, flat.shape[1], _CHUNK):
+                cols = slice(start, start + _CHUNK)
+                numer += flat[:, cols].to(torch.float64).abs().sum(dim=1)
+                denom += (mflat[:, cols] * uflat[:, cols].to(torch.float64)).abs().sum(dim=1)
         safe = denom > 0
         gamma = torch.where(safe, numer / torch.where(safe, denom, 1.0), 1.0)
         density = (
