@@ -185,6 +185,11 @@ def methods():
         out.print(f"{name:18s} {params}")
 
 
+from .curve_cli import curve  # noqa: E402
+
+app.command()(curve)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning every expected failure into one line and exit code 2."""
     err = Console(stderr=True, highlight=False, soft_wrap=True)
