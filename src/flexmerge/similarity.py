@@ -40,7 +40,9 @@ def gram(taus: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
     """``[N, *shape]`` -> ``[N, N]`` float64 Gram matrix of the flattened rows."""
     flat = taus.reshape(taus.shape[0], -1)
     out = torch.zeros((flat.shape[0], flat.shape[0]), dtype=torch.float64)
-    with single_thread():
+    # Small products run on one thread (see single_thread); large ones use all threads.
+    few = flat.shape[0] * flat.shape[0] * flat.shape[1] < (1 << 28)
+    with single_thread() if few else contextlib.nullcontext():
         for start in range(0, flat.shape[1], chunk):
             x = flat[:, start:start + chunk]
             out += (x @ x.T).to(torch.float64)

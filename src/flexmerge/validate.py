@@ -12,6 +12,7 @@ before anything is written.
 from __future__ import annotations
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -23,8 +24,15 @@ from .errors import FlexMergeError
 from .io import CheckpointSource, TensorInfo, open_checkpoint
 
 
-STREAM_CHUNK = 1 << 22
-"""Elements per chunk when streaming large tensors (16 MiB of float32 per task)."""
+STREAM_CHUNK = 1 << 21
+"""Elements per chunk when streaming large tensors (8 MiB of float32 per task; two chunks are in
+memory at once, the one in use and the one being read)."""
+
+
+def _ranges(numel: int, chunk: int | None) -> list[tuple[int, int]]:
+    if not chunk or numel <= chunk:
+        return [(0, numel)]
+    return [(a, min(numel, a + chunk)) for a in range(0, numel, chunk)]
 
 
 @dataclass
@@ -61,27 +69,42 @@ class ModelSet:
         (``taus`` of shape ``[N, k]``), so memory is bounded by N x chunk. Non-finite values are
         an error naming the task and the tensor.
         """
-        for name in names if names is not None else self.blockmap_order():
-            numel = self.mergeable[name].numel
-            step = numel if not chunk_elems or numel <= chunk_elems else chunk_elems
-            for start in range(0, max(numel, 1), max(step, 1)):
-                stop = min(numel, start + step)
-                if step == numel:
-                    base32 = self.base.get(name).to(torch.float32)
-                    taus = torch.empty((self.num_tasks, *base32.shape), dtype=torch.float32)
-                    for i, src in enumerate(self.tasks.values()):
-                        src.get_into(name, taus[i])
-                else:
-                    base32 = self.base.get_range(name, start, stop).to(torch.float32)
-                    taus = torch.empty((self.num_tasks, stop - start), dtype=torch.float32)
-                    for i, src in enumerate(self.tasks.values()):
-                        src.get_range_into(name, start, stop, taus[i])
-                taus.sub_(base32)
-                # One reduction instead of an isfinite pass per tensor: any NaN/Inf in the base or
-                # a task makes the sum non-finite; only then find and name the culprit.
-                if not bool(torch.isfinite(taus.sum())):
-                    self._name_non_finite(name)
-                yield name, base32, taus
+        items = [(name, start, stop)
+                 for name in (names if names is not None else self.blockmap_order())
+                 for start, stop in _ranges(self.mergeable[name].numel, chunk_elems)]
+        if len(items) <= 1:
+            for item in items:
+                yield self._load(*item)
+            return
+        # Read the next tensor (pread and torch release the GIL) while the caller works on this
+        # one, so the pass costs about max(I/O, compute) rather than their sum.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="flexmerge-read") as pool:
+            pending = pool.submit(self._load, *items[0])
+            for nxt in items[1:]:
+                current = pending.result()
+                pending = pool.submit(self._load, *nxt)
+                yield current
+                del current
+            yield pending.result()
+
+    def _load(self, name: str, start: int, stop: int) -> tuple[str, torch.Tensor, torch.Tensor]:
+        numel = self.mergeable[name].numel
+        if start == 0 and stop == numel:
+            base32 = self.base.get(name).to(torch.float32)
+            taus = torch.empty((self.num_tasks, *base32.shape), dtype=torch.float32)
+            for i, src in enumerate(self.tasks.values()):
+                src.get_into(name, taus[i])
+        else:
+            base32 = self.base.get_range(name, start, stop).to(torch.float32)
+            taus = torch.empty((self.num_tasks, stop - start), dtype=torch.float32)
+            for i, src in enumerate(self.tasks.values()):
+                src.get_range_into(name, start, stop, taus[i])
+        taus.sub_(base32)
+        # One reduction instead of an isfinite pass per tensor: any NaN/Inf in the base or a task
+        # makes the sum non-finite; only then find and name the culprit.
+        if not bool(torch.isfinite(taus.sum())):
+            self._name_non_finite(name)
+        return name, base32, taus
 
     def _name_non_finite(self, name: str) -> None:
         _check_finite(self.base.get(name), "base", name)
