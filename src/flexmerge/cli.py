@@ -185,6 +185,40 @@ def methods():
         out.print(f"{name:18s} {params}")
 
 
+@app.command()
+def demo(output: Optional[Path] = typer.Option(None, "-o", "--output", help="where to write the table and plots (default: <cache>/text8/<recipe>/demo)"),
+         methods: str = typer.Option("task_arithmetic,ties", "--methods", "-m", help="comma-separated methods"),
+         sizes: str = typer.Option("1,1.5,2,3,4", "--sizes", "-s", help="comma-separated sizes in model units"),
+         tasks: Optional[str] = typer.Option(None, "--tasks", help="comma-separated tasks (default sst2,trec,agnews,subj)"),
+         data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="text data sets (default $FLEXMERGE_DATA or ../shared/datasets/text)"),
+         cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="checkpoint cache (default $FLEXMERGE_CACHE or ~/.cache/flexmerge)"),
+         max_train: Optional[int] = typer.Option(None, "--max-train", help="training examples per task (default 500)"),
+         max_test: Optional[int] = typer.Option(None, "--max-test", help="test examples per task (default 200)"),
+         progress: bool = ProgressOpt):
+    """Fine-tune 4 real text tasks (or reuse the cache), merge at several sizes, print accuracies."""
+    from .demo import run_demo
+    from .evaluate import parse_sizes
+
+    split = lambda text: [x.strip() for x in text.split(",") if x.strip()]  # noqa: E731
+    result = run_demo(output, methods=split(methods), sizes=parse_sizes(sizes),
+                      tasks=split(tasks) if tasks else None, data_dir=data_dir, cache_dir=cache_dir,
+                      max_train=max_train, max_test=max_test, progress=progress)
+    out.print(result.rich_table(title="accuracy vs size (fine-tuned and zero-shot rows are the references)"))
+    out.print(f"table and plots in {result.out_dir}: curve.csv, accuracy_vs_size.png, normalized_vs_size.png")
+
+
+@app.command()
+def serve(bundle_dir: Path = typer.Argument(..., help="a bundle directory"),
+          port: int = typer.Option(8000, "--port", help="port on 127.0.0.1"),
+          host: str = typer.Option("127.0.0.1", "--host", help="address to bind (localhost by default)"),
+          rebuild_policy: str = typer.Option("on_the_fly", "--rebuild-policy", help="mask bundles: on_the_fly | cache"),
+          cache_budget: Optional[int] = typer.Option(None, "--cache-budget-bytes", help="memory budget of the cache policy")):
+    """Serve every task of a bundle over HTTP (JSON): GET /tasks, POST /tasks/<task>, POST /batch."""
+    from .serve import serve as run_server
+
+    run_server(bundle_dir, host=host, port=port, rebuild_policy=rebuild_policy, cache_budget_bytes=cache_budget)
+
+
 from .curve_cli import curve  # noqa: E402
 
 app.command()(curve)

@@ -1,0 +1,1 @@
+"""Offline benchmark suites: real data sets, fine-tuning, evaluators (the `text8` suite)."""
