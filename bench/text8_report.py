@@ -39,7 +39,7 @@ def write_report(path: Path, result, ref: dict, meta: dict) -> None:
              f"Test sets: a seeded subset of at most {meta['max_test']} examples per task. "
              f"Wall time: fine-tuning {meta['finetune_s']:.0f} s ({meta['finetune_note']}), reference "
              f"evaluation {meta['reference_s']:.0f} s, sweep {meta['sweep_s']:.0f} s "
-             f"({result.meta.get('evaluations', '?')} evaluations of all 8 tasks).", "",
+             f"({result.meta.get('evaluations', '?')} evaluator calls, one per task and run).", "",
              "## Fine-tuned and zero-shot accuracy", "",
              "Zero-shot = the pretrained encoder with the task's fine-tuned head.", "",
              "| task | test examples | fine-tuned | zero-shot |", "|---|---:|---:|---:|"]
