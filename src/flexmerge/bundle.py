@@ -34,10 +34,7 @@ from .materialize import StoredBlock, unpack_mask
 
 BUNDLE_FORMAT = "flexmerge-bundle"
 BUNDLE_VERSION = 1
-TOKENIZER_AND_CONFIG = ("config.json", "generation_config.json", "tokenizer.json",
-                        "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
-                        "merges.txt", "spiece.model", "tokenizer.model", "added_tokens.json",
-                        "sentencepiece.bpe.model", "preprocessor_config.json")
+
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -306,16 +303,6 @@ class Bundle:
                 "blocks": [{"name": b.name, "groups": [g["tasks"] for g in b.groups],
                             "kinds": [g["kind"] for g in b.groups], "store_base": b.store_base}
                            for b in self.blocks]}
-
-
-def collect_blocks(stored: Iterable[StoredBlock], tasks: list[str]) -> tuple[list[dict], dict]:
-    """Manifest entries and an in-memory file map for stored blocks (used by in-memory bundles)."""
-    entries, mem = [], {}
-    for sb in stored:
-        rel = f"tensors/block-{sb.index:05d}.safetensors"
-        mem[rel] = sb.tensors
-        entries.append(block_entry(sb, rel, tasks))
-    return entries, mem
 
 
 def block_entry(sb: StoredBlock, rel: str | None, tasks: list[str], params: list[str] | None = None) -> dict:

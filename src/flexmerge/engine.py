@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from .blocks import BlockMap
 from .bundle import BUNDLE_FORMAT, BUNDLE_VERSION, Bundle, BundleWriter, block_entry
