@@ -55,6 +55,18 @@ def test_non_finite_weights_name_task_and_tensor_and_write_nothing(tmp_path, goo
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_non_finite_base_is_named_by_the_plan_pass(tmp_path, good, method):
+    # the Gram pass (no transform) and the stream's own check (TIES transforms) both name it
+    cfg, base = good
+    bad = dict(base)
+    bad[W] = base[W].clone()
+    bad[W][1, 2] = float("inf")
+    cfg["base"] = str(write_checkpoint(bad, tmp_path / "badbase", "safetensors"))
+    with pytest.raises(FlexMergeError, match=f"base: tensor '{W}' contains Inf"):
+        FlexMerge({**cfg, "method": method}).plan()
+
+
 def test_config_errors(tmp_path, good):
     cfg, _ = good
     with pytest.raises(FlexMergeError, match="unknown key 'methd' \\(allowed: base, tasks, exclude"):

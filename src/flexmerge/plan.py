@@ -241,12 +241,20 @@ class _BlockState:
         self.linkage = linkage
         self.sim = cos.astype(np.float64).copy()
         self.members: dict[int, list[int]] = {i: [i] for i in range(n)}  # rep -> task indices
+        self._best: tuple[float, int, int] | None = None  # cached until this block merges
 
     @property
     def num_groups(self) -> int:
         return len(self.members)
 
     def best_pair(self) -> tuple[float, int, int] | None:
+        """Most similar pair of groups ``(similarity, a, b)``; ties go to the first pair in
+        (a, b) order. Only a merge in this block changes it, so it is cached until then."""
+        if self._best is None:
+            self._best = self._find_best_pair()
+        return self._best
+
+    def _find_best_pair(self) -> tuple[float, int, int] | None:
         reps = sorted(self.members)
         best = None
         for ai, a in enumerate(reps):
@@ -262,6 +270,7 @@ class _BlockState:
 
     def merge(self, a: int, b: int) -> None:
         """Merge group ``b`` into ``a`` (a < b) and update linkage rows (Lance-Williams)."""
+        self._best = None
         na, nb = len(self.members[a]), len(self.members[b])
         for c in self.members:
             if c in (a, b):

@@ -12,6 +12,7 @@ before anything is written.
 from __future__ import annotations
 
 import re
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -60,53 +61,78 @@ class ModelSet:
                 for t, names in self.task_specific.items()}
 
     # ------------------------------------------------------------------------------------
-    def stream(self, names: Sequence[str] | None = None, chunk_elems: int | None = None
+    def stream(self, names: Sequence[str] | None = None, chunk_elems: int | None = None,
+               reuse_buffers: bool = False, check_finite: bool = True, prefetch: int = 1
                ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
         """One pass: ``(name, base float32, taus float32 [N, *shape])`` for each mergeable tensor.
 
         Holds one tensor of the base and of each task at a time (ARCHITECTURE.md, "Memory").
         With ``chunk_elems``, tensors larger than that come as several flat element ranges
         (``taus`` of shape ``[N, k]``), so memory is bounded by N x chunk. Non-finite values are
-        an error naming the task and the tensor.
+        an error naming the task and the tensor; a caller that checks them itself (the Gram pass
+        sees any NaN/Inf on its diagonal) passes ``check_finite=False`` and calls
+        :meth:`name_non_finite` when it finds one.
+
+        ``reuse_buffers``: the ``taus`` tensors live in two preallocated buffers used in turn, so
+        the pass does not fault in fresh pages for every chunk (at N = 30 that is a quarter of
+        the I/O time). Only for callers that are done with a ``taus`` when they ask for the next.
         """
         items = [(name, start, stop)
                  for name in (names if names is not None else self.blockmap_order())
                  for start, stop in _ranges(self.mergeable[name].numel, chunk_elems)]
+        depth = max(1, prefetch)
+        buffers: list[torch.Tensor | None] = [None] * (depth + 1)
+        if reuse_buffers and items:
+            longest = max(stop - start for _, start, stop in items)
+            buffers = [torch.empty(self.num_tasks * longest, dtype=torch.float32)
+                       for _ in range(depth + 1)]
+
+        def load(k: int):
+            # item k lives in buffer k mod (depth + 1): while the caller holds item k, the reader
+            # fills items k+1 .. k+depth, never k's buffer
+            return self._load(*items[k], out=buffers[k % (depth + 1)], check_finite=check_finite)
+
         if len(items) <= 1:
-            for item in items:
-                yield self._load(*item)
+            for k in range(len(items)):
+                yield load(k)
             return
-        # Read the next tensor (pread and torch release the GIL) while the caller works on this
-        # one, so the pass costs about max(I/O, compute) rather than their sum.
+        # Read ahead (pread and torch release the GIL) while the caller works on the current
+        # item, so the pass costs about max(I/O, compute) rather than their sum.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="flexmerge-read") as pool:
-            pending = pool.submit(self._load, *items[0])
-            for nxt in items[1:]:
-                current = pending.result()
-                pending = pool.submit(self._load, *nxt)
+            pending = deque(pool.submit(load, k) for k in range(min(depth, len(items))))
+            for k in range(depth, len(items) + depth):
+                current = pending.popleft().result()
+                if k < len(items):
+                    pending.append(pool.submit(load, k))
                 yield current
                 del current
-            yield pending.result()
 
-    def _load(self, name: str, start: int, stop: int) -> tuple[str, torch.Tensor, torch.Tensor]:
+    def _load(self, name: str, start: int, stop: int, out: torch.Tensor | None = None,
+              check_finite: bool = True) -> tuple[str, torch.Tensor, torch.Tensor]:
         numel = self.mergeable[name].numel
-        if start == 0 and stop == numel:
+        whole = start == 0 and stop == numel
+        shape = tuple(self.mergeable[name].shape) if whole else (stop - start,)
+        if out is None:
+            taus = torch.empty((self.num_tasks, *shape), dtype=torch.float32)
+        else:
+            taus = out[:self.num_tasks * (stop - start)].view(self.num_tasks, *shape)
+        if whole:
             base32 = self.base.get(name).to(torch.float32)
-            taus = torch.empty((self.num_tasks, *base32.shape), dtype=torch.float32)
             for i, src in enumerate(self.tasks.values()):
                 src.get_into(name, taus[i])
         else:
             base32 = self.base.get_range(name, start, stop).to(torch.float32)
-            taus = torch.empty((self.num_tasks, stop - start), dtype=torch.float32)
             for i, src in enumerate(self.tasks.values()):
                 src.get_range_into(name, start, stop, taus[i])
         taus.sub_(base32)
         # One reduction instead of an isfinite pass per tensor: any NaN/Inf in the base or a task
         # makes the sum non-finite; only then find and name the culprit.
-        if not bool(torch.isfinite(taus.sum())):
-            self._name_non_finite(name)
+        if check_finite and not bool(torch.isfinite(taus.sum())):
+            self.name_non_finite(name)
         return name, base32, taus
 
-    def _name_non_finite(self, name: str) -> None:
+    def name_non_finite(self, name: str) -> None:
+        """Raise the error naming the checkpoint whose tensor ``name`` holds NaN/Inf."""
         _check_finite(self.base.get(name), "base", name)
         for task, src in self.tasks.items():
             _check_finite(src.get(name), f"task '{task}'", name)
