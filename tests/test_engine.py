@@ -209,3 +209,19 @@ def test_model_preset_is_whole_model_merging(tmp_path):
     fm = FlexMerge({**cfg, "blocks": "model"})
     plan = fm.plan()
     assert plan.blocks == ["model"] and [s.size_units for s in plan.steps] == [2.0, 1.0]
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "consensus", "tsv"])
+def test_group_cache_gives_the_same_bundles_at_every_size(tmp_path, method):
+    cfg = make_set(tmp_path, "bert", "safetensors", n=4)
+    plain, cached = FlexMerge(cfg, method=method), FlexMerge(cfg, method=method)
+    cached.cache_groups(True)
+    plan = plain.plan()
+    cached.use_plan(plan)
+    for steps in range(len(plan.steps), -1, -1):  # largest to smallest, then back up
+        g = plan.grouping(steps)
+        a, b = plain.merge(grouping=g, plan=plan), cached.merge(grouping=g, plan=plan)
+        for t in plain.tasks:
+            sa, sb = a.state_dict(t), b.state_dict(t)
+            assert all(torch.equal(sa[k], sb[k]) for k in sa), (steps, t)
+    assert cached._group_cache  # groups were actually kept

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from conftest import bert_like, finetune, write_checkpoint
 from flexmerge.cli import main

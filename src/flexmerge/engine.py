@@ -54,6 +54,13 @@ class FlexMerge:
         self.cost = CostModel.for_method(self.models.blockmap, self.method, self.models.mergeable)
         self._plan: Plan | None = None
         self._global_done = False
+        self._group_cache: dict | None = None
+
+    def cache_groups(self, enabled: bool = True) -> None:
+        """Keep every merged group in memory so that later merges of this plan (other sizes)
+        merge only their new groups: what a sweep over sizes wants. Costs up to N - 1 merged
+        copies of the model in RAM; off by default."""
+        self._group_cache = {} if enabled else None
 
     # ---- facts ---------------------------------------------------------------------------
     @property
@@ -121,7 +128,7 @@ class FlexMerge:
             plan = plan or self._plan or self.plan()
             grouping = plan.at(size if size is not None else plan.min_units)
         self._run_global_pass()
-        stored = materialize(self.models, self.method, grouping, self.cost)
+        stored = materialize(self.models, self.method, grouping, self.cost, cache=self._group_cache)
         if out is None:
             return self._in_memory(stored, grouping, plan)
         return self._write(stored, grouping, plan, Path(out))

@@ -619,6 +619,7 @@ def sweep(config: Any, methods: Sequence[Any] | str | None, sizes: Sequence[floa
                 if pkey not in plans:
                     plans[pkey] = fm.plan(order=order, linkage=linkage, seed=cfg.seed if seed is None else seed)
                 p = plans[pkey]
+                fm.cache_groups(True)  # the sizes of one plan share most groups: merge each once
                 done: set[int] = set()
                 for size in size_list:
                     try:
@@ -636,6 +637,7 @@ def sweep(config: Any, methods: Sequence[Any] | str | None, sizes: Sequence[floa
                     st.run(fm=fm, grouping=p.grouping(len(p.steps)), plan=p, method_name=name,
                            params=params, run=run, order=order, linkage=linkage, seed=seed,
                            requested="min", note="the method's minimum size")
+                fm.cache_groups(False)
         st.result.complete = True
     except _EvalFailure as exc:
         st.save()

