@@ -225,3 +225,20 @@ def test_group_cache_gives_the_same_bundles_at_every_size(tmp_path, method):
             sa, sb = a.state_dict(t), b.state_dict(t)
             assert all(torch.equal(sa[k], sb[k]) for k in sa), (steps, t)
     assert cached._group_cache  # groups were actually kept
+
+
+def test_atomic_outputs_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    from flexmerge.io import atomic_path, write_json_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "t.json", {"a": 1})
+        with atomic_path(tmp_path / "d", is_dir=True) as tmp:
+            (tmp / "f").write_text("x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "t.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755

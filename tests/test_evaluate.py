@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import textwrap
 
 import pytest
@@ -246,6 +247,23 @@ def test_result_reloads_and_replots(bert_set, tmp_path):
     assert loaded.rows == json.loads(json.dumps(res.rows)) and loaded.finetuned == res.finetuned
     paths = plot_all(loaded, tmp_path / "b", ylabel="accuracy")
     assert sorted(p.name for p in paths) == ["accuracy_vs_size.png", "normalized_vs_size.png", "per_task.png"]
+
+
+def test_table_drops_task_columns_rather_than_cut_cells(bert_set):
+    from rich.console import Console
+
+    cfg = bert_set()
+    res = sweep(cfg, ["task_arithmetic"], [1, 2], toy_evaluator(cfg))
+
+    def render(width):
+        console = Console(width=200, record=True, file=open(os.devnull, "w"))
+        console.print(res.rich_table(width=width))
+        return console.export_text()
+
+    wide, narrow = render(None), render(60)
+    assert all(t in wide for t in res.tasks) and "per-task scores" not in wide
+    assert not any(f" {t} " in narrow for t in res.tasks) and "per-task scores: see curve.csv" in narrow
+    assert "…" not in wide + narrow  # no cell is cut short
 
 
 # ---- the CLI command ----------------------------------------------------------------------------

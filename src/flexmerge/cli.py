@@ -188,7 +188,7 @@ def methods():
 @app.command()
 def demo(output: Optional[Path] = typer.Option(None, "-o", "--output", help="where to write the table and plots (default: <cache>/text8/<recipe>/demo)"),
          methods: str = typer.Option("task_arithmetic,ties", "--methods", "-m", help="comma-separated methods"),
-         sizes: str = typer.Option("1,1.5,2,3,4", "--sizes", "-s", help="comma-separated sizes in model units"),
+         sizes: str = typer.Option("1,1.5,2.5,4", "--sizes", "-s", help="comma-separated sizes in model units"),
          tasks: Optional[str] = typer.Option(None, "--tasks", help="comma-separated tasks (default sst2,trec,agnews,subj)"),
          data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="text data sets (default $FLEXMERGE_DATA or ../shared/datasets/text)"),
          cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="checkpoint cache (default $FLEXMERGE_CACHE or ~/.cache/flexmerge)"),
@@ -203,7 +203,8 @@ def demo(output: Optional[Path] = typer.Option(None, "-o", "--output", help="whe
     result = run_demo(output, methods=split(methods), sizes=parse_sizes(sizes),
                       tasks=split(tasks) if tasks else None, data_dir=data_dir, cache_dir=cache_dir,
                       max_train=max_train, max_test=max_test, progress=progress)
-    out.print(result.rich_table(title="accuracy vs size (fine-tuned and zero-shot rows are the references)"))
+    out.print(result.rich_table(title="accuracy vs size (fine-tuned and zero-shot rows are the references)",
+                                width=out.width))
     out.print(f"table and plots in {result.out_dir}: curve.csv, accuracy_vs_size.png, normalized_vs_size.png")
 
 

@@ -117,7 +117,7 @@ def curve(config: Path = typer.Argument(..., help="merge config (YAML): base, ta
                    log=(lambda msg: err.print(msg, markup=False)) if progress else None, progress=progress,
                    evaluator_name=evaluator)
     out.print(result.rich_table(title=escape(f"{ylabel} vs size ({len(result.tasks)} tasks, evaluator "
-                                             f"{result.meta['evaluator']})")))
+                                             f"{result.meta['evaluator']})"), width=out.width))
     for note in result.notes:
         out.print(f"note: {note}", markup=False, highlight=False)
     files = sorted(p.name for p in Path(output).iterdir() if p.suffix in (".csv", ".json", ".png"))

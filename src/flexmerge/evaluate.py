@@ -154,28 +154,38 @@ class SweepResult:
         write_json_atomic(json_path, self.to_dict())
         return csv_path, json_path
 
-    def rich_table(self, max_tasks: int = 8, title: str | None = None):
-        """A :class:`rich.table.Table` of the rows (per-task columns when there are few tasks);
-        ablation rows carry their order and linkage (and seed) after the method name."""
+    def rich_table(self, max_tasks: int = 8, title: str | None = None, width: int | None = None):
+        """A :class:`rich.table.Table` of the rows; ablation rows carry their order and linkage
+        (and seed) after the method name. Per-task columns are added when there are at most
+        ``max_tasks`` tasks and the table still fits in ``width`` characters (a console's width;
+        ``None``: no limit), so that no cell is ever cut short."""
         from rich.markup import escape
         from rich.table import Table
 
-        show_tasks = len(self.tasks) <= max_tasks
-        table = Table(title=title)
-        for c in ("method", "size", "units", "bytes", "average", "normalized"):
-            table.add_column(c, justify="left" if c == "method" else "right", no_wrap=c == "method")
-        if show_tasks:
-            for t in self.tasks:
-                table.add_column(t, justify="right")
+        names = []
         for r in self.rows:
             name = r["method"]
             if r["run"] in ("order", "linkage"):
                 name += f" ({r['order']}, {r['linkage']}" + (f", seed {r['seed']}" if r["seed"] is not None else "") + ")"
-            cells = [escape(name), _cell(r["requested_size"]) or "-", f"{r['size_units']:.4g}",
-                     _human_bytes(r["size_bytes"]), _fmt(r["average"]), _fmt(r["normalized"])]
-            if show_tasks:
-                cells += [_fmt(r["scores"].get(t)) for t in self.tasks]
-            table.add_row(*cells)
+            names.append(name)
+        rows = [[escape(name), _cell(r["requested_size"]) or "-", f"{r['size_units']:.4g}",
+                 _human_bytes(r["size_bytes"]), _fmt(r["average"]), _fmt(r["normalized"])]
+                for name, r in zip(names, self.rows)]
+        columns = ["method", "size", "units", "bytes", "average", "normalized"]
+
+        def table_width(cols: list[str], cells: list[list[str]]) -> int:
+            widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
+            return sum(widths) + 3 * len(cols) + 1  # rich's default padding and borders
+
+        with_tasks = [row + [_fmt(r["scores"].get(t)) for t in self.tasks] for row, r in zip(rows, self.rows)]
+        show_tasks = len(self.tasks) <= max_tasks and (
+            width is None or table_width(columns + list(self.tasks), with_tasks) <= width)
+        table = Table(title=title, caption=None if show_tasks or not self.tasks else
+                      "per-task scores: see curve.csv (or widen the terminal)")
+        for c in columns + (list(self.tasks) if show_tasks else []):
+            table.add_column(escape(c), justify="left" if c == "method" else "right", no_wrap=True)
+        for row in (with_tasks if show_tasks else rows):
+            table.add_row(*row)
         return table
 
 

@@ -412,6 +412,11 @@ def atomic_path(target: str | os.PathLike, is_dir: bool) -> Iterator[Path]:
         tmp = Path(name)
     try:
         yield tmp
+        # mkstemp/mkdtemp make the path private (0600/0700); give it the permissions a plain
+        # open()/mkdir() would have, so bundles and tables are readable like any other output
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, (0o777 if is_dir else 0o666) & ~umask)
         if is_dir:
             if target.exists():
                 old = target.with_name(f".{target.name}.old-{os.getpid()}")

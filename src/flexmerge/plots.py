@@ -25,6 +25,8 @@ from .io import atomic_path
 DPI = 100
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf",
           "#7f7f7f", "#bcbd22"]
+MARKERS = ["o", "s", "^", "D"]
+STYLES = ["-", "--", "-.", ":"]
 
 
 def _result(result: Any):
@@ -80,7 +82,10 @@ def _series(rows: list[dict], key) -> dict[str, list[tuple[float, float]]]:
 def _lines(ax, series: dict[str, list[tuple[float, float]]]) -> None:
     for i, (label, pts) in enumerate(series.items()):
         xs, ys = zip(*pts)
-        ax.plot(xs, ys, marker="o", markersize=3.5, linewidth=1.4, color=COLORS[i % len(COLORS)], label=label)
+        # past the 10 colours, change marker and line style so that no two lines look alike
+        cycle = i // len(COLORS)
+        ax.plot(xs, ys, marker=MARKERS[cycle % len(MARKERS)], markersize=3.5, linewidth=1.4,
+                linestyle=STYLES[cycle % len(STYLES)], color=COLORS[i % len(COLORS)], label=label)
 
 
 def _references(ax, ft: float | None, zs: float | None) -> None:
