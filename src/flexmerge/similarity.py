@@ -94,8 +94,10 @@ def block_grams(models: ModelSet, transform: Callable[[str, torch.Tensor], torch
     task vectors first, so that e.g. TIES similarity sees trimmed vectors (Appendix B.1).
     Large tensors are streamed in chunks of ``chunk_elems`` (pass ``None`` when ``transform``
     needs whole tensors); the chunks are cut to about :data:`GRAM_PASS_BYTES`. The products run
-    on this thread while the stream's reader thread fetches the next two chunks, one core each. Finiteness is checked on the Gram diagonal (a NaN/Inf
-    element makes its row's squared norm non-finite), which saves the stream its own pass.
+    on this thread while the stream's reader thread fetches the next two chunks, one core each
+    (only the next one when whole tensors are streamed, so that memory stays at two tensors of
+    N tasks). Finiteness is checked on the Gram diagonal (a NaN/Inf element makes its row's
+    squared norm non-finite), which saves the stream its own pass.
     """
     n = models.num_tasks
     grams = {b.name: np.zeros((n, n)) for b in models.blockmap.blocks}
@@ -105,7 +107,8 @@ def block_grams(models: ModelSet, transform: Callable[[str, torch.Tensor], torch
         chunk_elems = min(chunk_elems, max(1 << 16, GRAM_PASS_BYTES // (4 * n)))
     with single_thread():
         for name, _base, taus in models.stream(chunk_elems=chunk_elems, reuse_buffers=True,
-                                               check_finite=transform is not None, prefetch=2):
+                                               check_finite=transform is not None,
+                                               prefetch=2 if chunk_elems is not None else 1):
             if transform is not None:
                 taus = transform(name, taus)
             g = gram(taus)

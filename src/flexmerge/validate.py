@@ -73,9 +73,11 @@ class ModelSet:
         sees any NaN/Inf on its diagonal) passes ``check_finite=False`` and calls
         :meth:`name_non_finite` when it finds one.
 
-        ``reuse_buffers``: the ``taus`` tensors live in two preallocated buffers used in turn, so
-        the pass does not fault in fresh pages for every chunk (at N = 30 that is a quarter of
-        the I/O time). Only for callers that are done with a ``taus`` when they ask for the next.
+        ``prefetch``: how many items the reader thread reads ahead of the caller.
+        ``reuse_buffers``: the ``taus`` tensors live in ``prefetch + 1`` preallocated buffers used
+        in turn, so the pass does not fault in fresh pages for every chunk (at N = 30 that was a
+        quarter of the read time). Only for callers that are done with a ``taus`` when they ask
+        for the next.
         """
         items = [(name, start, stop)
                  for name in (names if names is not None else self.blockmap_order())
