@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from .methods.base import GroupInput, MergeMethod
+from .methods.base import GroupInput, MergeMethod, StoredGroup
 from .plan import Grouping
 from .sizes import CostModel
 from .validate import ModelSet
@@ -77,46 +77,49 @@ def materialize(models: ModelSet, method: MergeMethod, grouping: Grouping, cost:
         if layout.store_base:
             for name in block.params:
                 tensors[f"base/{name}"] = models.base.get(name).contiguous()
+
+        def merged_group(members) -> StoredGroup:
+            key = (block.name, tuple(members))
+            if cache is not None and key in cache:
+                return cache[key]
+            if list(members) == list(range(len(tasks))):
+                rows = taus  # the whole stack: no copy
+            else:
+                idx = torch.tensor(list(members))
+                rows = {n: taus[n].index_select(0, idx) for n in block.params}
+            group = GroupInput(task_vectors={n: rows[n] for n in block.params},
+                               base={n: base32[n] for n in block.params}, task_ids=list(members),
+                               block=block.name, seed=method.seed)
+            stored = method.merge(group)
+            if cache is not None:
+                cache[key] = stored
+            return stored
+
         for gi, (members, kind) in enumerate(zip(groups, layout.kinds)):
-            rec = StoredGroupRecord(list(members), kind)
+            records.append(StoredGroupRecord(list(members), kind))
             if kind == "original":
                 for pos, t in enumerate(members):
                     src = models.tasks[tasks[t]]
                     for name in block.params:
                         tensors[f"g{gi}/m{pos}/{name}"] = src.get(name).contiguous()
-            else:
-                key = (block.name, tuple(members))
-                stored = cache.get(key) if cache is not None else None
-            if kind != "original" and stored is None:
-                if list(members) == list(range(len(tasks))):
-                    rows = taus  # the whole stack: no copy
+                continue
+            stored = merged_group(members)
+            for name in block.params:
+                dtype = models.mergeable[name].dtype
+                merged = stored.merged[name]
+                if kind == "merged":
+                    if stored.needs_base:  # a mask method whose layout chose plain merging
+                        raise RuntimeError("mask method in a plain layout")
+                    if name not in base32:  # every group of this block came from the cache
+                        base32[name] = models.base.get(name).to(torch.float32)
+                    tensors[f"g{gi}/merged/{name}"] = (base32[name] + merged).to(dtype).contiguous()
                 else:
-                    idx = torch.tensor(list(members))
-                    rows = {n: taus[n].index_select(0, idx) for n in block.params}
-                group = GroupInput(task_vectors={n: rows[n] for n in block.params},
-                                   base={n: base32[n] for n in block.params}, task_ids=list(members),
-                                   block=block.name, seed=method.seed)
-                stored = method.merge(group)
-                if cache is not None:
-                    cache[key] = stored
-            if kind != "original":
-                for name in block.params:
-                    dtype = models.mergeable[name].dtype
-                    merged = stored.merged[name]
-                    if kind == "merged":
-                        if stored.needs_base:  # a mask method whose layout chose plain merging
-                            raise RuntimeError("mask method in a plain layout")
-                        if name not in base32:  # every group of this block came from the cache
-                            base32[name] = models.base.get(name).to(torch.float32)
-                        tensors[f"g{gi}/merged/{name}"] = (base32[name] + merged).to(dtype).contiguous()
-                    else:
-                        tensors[f"g{gi}/delta/{name}"] = merged.to(dtype).contiguous()
-                        if stored.masks is not None:
-                            for pos in range(len(members)):
-                                tensors[f"g{gi}/mask{pos}/{name}"] = pack_mask(stored.masks[name][pos])
-                if kind == "masked" and stored.scalars is not None:
-                    tensors[f"g{gi}/scalars"] = stored.scalars.to(torch.float32).reshape(-1).contiguous()
-            records.append(rec)
+                    tensors[f"g{gi}/delta/{name}"] = merged.to(dtype).contiguous()
+                    if stored.masks is not None:
+                        for pos in range(len(members)):
+                            tensors[f"g{gi}/mask{pos}/{name}"] = pack_mask(stored.masks[name][pos])
+            if kind == "masked" and stored.scalars is not None:
+                tensors[f"g{gi}/scalars"] = stored.scalars.to(torch.float32).reshape(-1).contiguous()
         yield StoredBlock(block.name, bi, layout.store_base, records, tensors, layout.nbytes)
         if progress is not None:
             progress(bi + 1, len(blocks))
