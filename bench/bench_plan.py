@@ -7,7 +7,7 @@ whole plan (validation, one streaming Gram pass, greedy plan), and their ratio. 
 in a fresh subprocess after a warm-up read so that both see the same page cache.
 Targets: plan / read <= 1.5; peak RSS <= 2 model sizes + N x the largest block.
 
-    python bench/bench_plan.py --tasks 8 30 [--dir /tmp/flexmerge-bench]
+    python bench/bench_plan.py --tasks 8 30 [--dir /tmp/flexmerge-bench] [--planner distortion]
 """
 
 from __future__ import annotations
@@ -102,6 +102,7 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, nargs="+", default=[8, 30])
     ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "flexmerge-bench-plan")
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--planner", default=None, help="planner of the plan pass (default: the config's)")
     args = ap.parse_args()
     shapes = bert_shapes()
     model_bytes = sum(4 * torch.Size(s).numel() for s in shapes.values())
@@ -117,7 +118,8 @@ def main() -> None:
         cfg = make_models(args.dir, n)
         run_child("read", cfg)  # warm the page cache
         reads = [run_child("read", cfg) for _ in range(args.repeat)]
-        plans = [run_child("plan", cfg) for _ in range(args.repeat)]
+        plan_cfg = cfg if args.planner is None else {**cfg, "planner": args.planner}
+        plans = [run_child("plan", plan_cfg) for _ in range(args.repeat)]
         r = min(x["seconds"] for x in reads)
         p = min(x["seconds"] for x in plans)
         rss = max(x["peak_rss"] for x in plans)

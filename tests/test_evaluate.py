@@ -170,7 +170,7 @@ def test_failing_evaluator_names_it_and_keeps_partial_table(bert_set, tmp_path):
         assert len(list(csv.reader(fh))) == 3
     assert len(info.value.partial.rows) == 2
 
-    with pytest.raises(FlexMergeError, match="returned str, not a number"):
+    with pytest.raises(FlexMergeError, match="returned a str \\('high'\\) for task 't0' .*, not a number"):
         sweep(cfg, ["task_arithmetic"], [1], lambda t, sd: "high")
 
 

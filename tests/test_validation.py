@@ -130,8 +130,11 @@ def test_cli_end_to_end(tmp_path, good, capsys):
     assert main(["merge", str(path), "--size", "1.5", "-o", str(tmp_path / "out"),
                  "--plan", str(tmp_path / "plan.json")]) == 0
     assert main(["inspect", str(tmp_path / "out")]) == 0
-    assert main(["export", str(tmp_path / "out"), "--task", "t1", "-o", str(tmp_path / "t1.safetensors")]) == 0
-    assert (tmp_path / "t1.safetensors").is_file()
+    source = (tmp_path / "t1.safetensors").read_bytes()
+    assert main(["export", str(tmp_path / "out"), "--task", "t1", "-o", str(tmp_path / "t1.safetensors")]) == 2
+    assert (tmp_path / "t1.safetensors").read_bytes() == source  # the user's checkpoint is never overwritten
+    assert main(["export", str(tmp_path / "out"), "--task", "t1", "-o", str(tmp_path / "t1-merged.safetensors")]) == 0
+    assert (tmp_path / "t1-merged.safetensors").is_file()
     assert main(["export", str(tmp_path / "out"), "--task", "zz", "-o", str(tmp_path / "z.safetensors")]) == 2
     assert "unknown task 'zz'" in capsys.readouterr().err
     # a plan for another method is refused
@@ -148,13 +151,15 @@ def test_tampered_bundle_fails_checksum(tmp_path, good):
     data[-1] ^= 0xFF
     f.write_bytes(bytes(data))
     with pytest.raises(FlexMergeError, match="fails its checksum"):
-        Bundle.load(tmp_path / "b", verify=True)
+        Bundle.load(tmp_path / "b").verify()
+    with pytest.raises(FlexMergeError, match="fails its checksum"):  # every read path verifies
+        Bundle.load(tmp_path / "b").state_dict("t0")
 
 
 def test_refuses_to_replace_a_non_bundle_directory(tmp_path, good):
     cfg, _ = good
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    with pytest.raises(FlexMergeError, match="not a flexmerge bundle"):
+    with pytest.raises(FlexMergeError, match="not made by flexmerge"):
         FlexMerge(cfg).merge(1.0, out=tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"

@@ -1,6 +1,6 @@
 """How a model is cut into blocks: parameter name -> block name, from names alone.
 
-Presets (issue "engine", Blocks):
+Presets:
 
 * ``component`` (default, FlexMerge Sec. 4 "block granularity"): within each layer the attention
   module, the MLP and each norm are separate blocks; embeddings and other top-level modules are

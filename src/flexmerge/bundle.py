@@ -1,23 +1,17 @@
-"""The deployable artifact: ``manifest.json`` + safetensors holding each stored tensor once.
+"""The deployable artifact: a bundle directory holding each stored tensor once.
 
-Layout of a bundle directory::
-
-    manifest.json                 format, tasks, blocks and their groups, method, sizes, checksums
-    tensors/block-00007.safetensors   one file per block: per group either the members' originals
-                                  (g<i>/m<pos>/<param>), merged weights (g<i>/merged/<param>), or a
-                                  merged task vector + bit-packed masks + scalars (g<i>/delta/...,
-                                  g<i>/mask<pos>/..., g<i>/scalars) and the pretrained block (base/...)
-    tensors/task-<task>.safetensors   task-specific tensors (excluded heads, buffers)
-
-Rebuilding task t: for each block, the group holding t gives its tensors; for masked groups
+The layout, tensor keys and manifest schema belong to :mod:`flexmerge.bundle_format`; this module
+writes bundles (:class:`BundleWriter`) and reads them (:class:`Bundle`). Rebuilding task t: for each
+block, the group holding t gives its tensors; for masked groups
 ``theta_t = theta_0 + gamma_t * m_t ⊙ tau_merged`` (TALL masks, Wang et al. 2024; EMR, Huang et
-al. 2024). Writing goes to a temporary directory renamed into place at the end (atomic).
+al. 2024). Writing goes to a temporary directory renamed into place at the end (atomic); an
+existing directory is replaced only if it is a flexmerge bundle (or ``force``). Reading verifies
+each file against its sha256 in the manifest before the first tensor is taken from it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -28,47 +22,61 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import bundle_format as fmt
+from .bundle_format import BUNDLE_FORMAT, BUNDLE_VERSION  # noqa: F401  (re-exported)
 from .errors import FlexMergeError
-from .io import atomic_path, file_sha256
+from .io import file_sha256
+from .outputs import atomic_path, write_error
 from .materialize import StoredBlock, unpack_mask
-
-BUNDLE_FORMAT = "flexmerge-bundle"
-BUNDLE_VERSION = 1
-
-
 
 def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
 
 
 class BundleWriter:
-    """Streams blocks into a temporary directory; :meth:`commit` renames it into place."""
+    """Streams blocks into a temporary directory; :meth:`commit` renames it into place.
 
-    def __init__(self, out: str | os.PathLike):
+    ``out`` may be new, an empty directory or an earlier flexmerge bundle (every entry listed in
+    its manifest); anything else is refused unless ``force``."""
+
+    def __init__(self, out: str | os.PathLike, force: bool = False):
         self.out = Path(out).expanduser()
-        if self.out.exists() and (not self.out.is_dir() or (any(self.out.iterdir())
-                                                            and not (self.out / "manifest.json").exists())):
-            raise FlexMergeError(f"output {self.out} exists and is not a flexmerge bundle; choose a "
-                                 "new or empty directory (an existing bundle is replaced)")
-        self._ctx = atomic_path(self.out, is_dir=True)
+        self._ctx = atomic_path(self.out, is_dir=True, what="output", replaceable=fmt.is_bundle_dir,
+                                force=force, hint="choose a new or empty directory")
         self.tmp = self._ctx.__enter__()
-        (self.tmp / "tensors").mkdir()
-        self.files: dict[str, str] = {}
         self._closed = False
+        self.files: dict[str, str] = {}
+        self._guard(lambda: (self.tmp / fmt.TENSOR_DIR).mkdir())
+
+    def _guard(self, fn):
+        try:
+            return fn()
+        except Exception as exc:
+            err = write_error(exc, self.out)
+            if err is None:
+                raise
+            self.abort(err)
+            raise err from None
 
     def write(self, rel: str, tensors: dict[str, torch.Tensor]) -> None:
         if not tensors:
             return
         path = self.tmp / rel
-        _save(tensors, path)
+        self._guard(lambda: _save(tensors, path))
         self.files[rel] = file_sha256(path)
 
     def copy_file(self, src: Path, rel: str) -> None:
-        shutil.copy2(src, self.tmp / rel)
+        dest = self.tmp / rel
+
+        def copy():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dest)
+        self._guard(copy)
+        self.files[rel] = file_sha256(dest)
 
     def commit(self, manifest: dict) -> Path:
-        manifest = dict(manifest, files=self.files)
-        (self.tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        text = fmt.manifest_json(dict(manifest, files=self.files))
+        self._guard(lambda: (self.tmp / fmt.MANIFEST_NAME).write_text(text))
         self._closed = True
         self._ctx.__exit__(None, None, None)
         return self.out
@@ -100,6 +108,8 @@ class Bundle:
         self.root = root
         self._mem = tensors  # file -> {key: tensor} for in-memory bundles
         self._handles: dict[str, object] = {}
+        self._verified: set[str] = set()
+        self._verify = True
         self.tasks: list[str] = list(manifest["tasks"])
         self.blocks = [BlockEntry(b["name"], b["params"], b.get("file"), b["store_base"], b["groups"])
                        for b in manifest["blocks"]]
@@ -111,48 +121,80 @@ class Bundle:
 
     # ---- loading ------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | os.PathLike, verify: bool = False) -> "Bundle":
+    def load(cls, path: str | os.PathLike, verify: bool = True) -> "Bundle":
+        """Open a bundle directory. Its manifest is validated against the schema and every file
+        it names must lie inside the directory. With ``verify`` (the default) each file is checked
+        against its sha256 before the first tensor is read from it; ``verify=False`` skips that
+        (for a bundle you have just checked, e.g. with :meth:`verify`)."""
         root = Path(path).expanduser()
-        mpath = root / "manifest.json"
-        if not mpath.is_file():
-            raise FlexMergeError(f"{root} is not a flexmerge bundle (no manifest.json); make one with "
-                                 "'flexmerge merge'")
-        try:
-            manifest = json.loads(mpath.read_text())
-        except json.JSONDecodeError as exc:
-            raise FlexMergeError(f"{mpath} is damaged ({exc.msg}); re-run 'flexmerge merge'") from None
-        if manifest.get("format") != BUNDLE_FORMAT or manifest.get("version") != BUNDLE_VERSION:
-            raise FlexMergeError(f"{root}: unsupported bundle format {manifest.get('format')!r} "
-                                 f"v{manifest.get('version')}; re-run 'flexmerge merge'")
-        for rel in manifest.get("files", {}):
-            if not (root / rel).is_file():
+        if not root.is_dir():
+            raise FlexMergeError(f"{root} is not a flexmerge bundle directory; give the directory that "
+                                 "'flexmerge merge -o' wrote")
+        manifest = fmt.read_manifest(root)
+        for rel in manifest["files"]:
+            if not fmt.resolve_inside(root, rel).is_file():
                 raise FlexMergeError(f"bundle {root} lacks file {rel}; the bundle is incomplete: re-run "
                                      "'flexmerge merge'")
         bundle = cls(manifest, root=root)
-        if verify:
-            bundle.verify()
+        bundle._verify = bool(verify)
         return bundle
 
     def verify(self) -> None:
-        """Check every tensor file against the sha256 in the manifest."""
+        """Check every file against the sha256 in the manifest (all of them, now)."""
         if self.root is None:
             return
-        for rel, digest in self.manifest.get("files", {}).items():
-            if file_sha256(self.root / rel) != digest:
-                raise FlexMergeError(f"bundle file {self.root / rel} fails its checksum; the bundle is "
-                                     "corrupted: re-run 'flexmerge merge'")
+        for rel in self.manifest.get("files", {}):
+            self.check_file(rel, force=True)
+
+    def check_file(self, rel: str, force: bool = False) -> Path:
+        """The path of bundle file ``rel``, verified against its sha256 once (if verifying)."""
+        path = fmt.resolve_inside(self.root, rel)
+        digest = self.manifest["files"].get(rel)
+        if digest is None:
+            raise FlexMergeError(f"bundle {self.root}: file {rel} is not listed in its manifest; the "
+                                 "bundle is damaged: re-run 'flexmerge merge'")
+        if (force or getattr(self, "_verify", True)) and rel not in self._verified:
+            try:
+                actual = file_sha256(path)
+            except OSError as exc:
+                raise FlexMergeError(f"cannot read bundle file {path} ({exc.strerror}); check its "
+                                     "permissions or re-run 'flexmerge merge'") from None
+            if actual != digest:
+                raise FlexMergeError(f"bundle file {path} fails its checksum; the bundle is corrupted: "
+                                     "re-run 'flexmerge merge'")
+            self._verified.add(rel)
+        return path
+
+    def _handle(self, file: str):
+        h = self._handles.get(file)
+        if h is None:
+            path = self.check_file(file)
+            try:
+                h = self._handles[file] = safe_open(str(path), framework="pt", device="cpu")
+            except Exception as exc:
+                raise FlexMergeError(f"cannot read bundle file {path} ({str(exc).splitlines()[0] if str(exc) else exc!r}); "
+                                     "the bundle is corrupted: re-run 'flexmerge merge'") from None
+        return h
 
     def tensor(self, file: str, key: str) -> torch.Tensor:
         if self._mem is not None:
             return self._mem[file][key]
-        h = self._handles.get(file)
-        if h is None:
-            try:
-                h = self._handles[file] = safe_open(str(self.root / file), framework="pt", device="cpu")
-            except Exception as exc:
-                raise FlexMergeError(f"cannot read bundle file {self.root / file} ({exc}); the bundle is "
-                                     "corrupted: re-run 'flexmerge merge'") from None
-        return h.get_tensor(key)
+        h = self._handle(file)
+        try:
+            return h.get_tensor(key)
+        except Exception:
+            raise FlexMergeError(f"bundle file {self.root / file} has no tensor '{key}' (or it cannot be "
+                                 "read); the bundle is damaged: re-run 'flexmerge merge'") from None
+
+    def asset_dir(self, task: str) -> Path | None:
+        """The directory of ``task``'s stored non-tensor files (config, tokenizer), verified; None if
+        the task has none (its input was not an HF directory)."""
+        self._check_task(task)
+        entries = self.manifest.get("assets", {}).get(task) or {}
+        if self.root is None or not entries:
+            return None
+        paths = [self.check_file(rel) for rel in entries.values()]
+        return paths[0].parent
 
     # ---- facts --------------------------------------------------------------------------
     @property
@@ -183,9 +225,9 @@ class Bundle:
         out = {}
         for name in block.params:
             if kind == "original":
-                out[name] = self.tensor(block.file, f"g{gi}/m{pos}/{name}")
+                out[name] = self.tensor(block.file, fmt.original_key(gi, pos, name))
             elif kind == "merged":
-                out[name] = self.tensor(block.file, f"g{gi}/merged/{name}")
+                out[name] = self.tensor(block.file, fmt.merged_key(gi, name))
             else:
                 out[name] = self.rebuild_masked(block, gi, pos, name)
         return out
@@ -193,12 +235,12 @@ class Bundle:
     def rebuild_masked(self, block: BlockEntry, gi: int, pos: int, name: str,
                        out: torch.Tensor | None = None) -> torch.Tensor:
         """``theta_0 + gamma * m ⊙ tau`` for member ``pos`` of masked group ``gi`` (into ``out``)."""
-        base = self.tensor(block.file, f"base/{name}")
-        delta = self.tensor(block.file, f"g{gi}/delta/{name}").to(torch.float32)
-        key = f"g{gi}/mask{pos}/{name}"
+        base = self.tensor(block.file, fmt.base_key(name))
+        delta = self.tensor(block.file, fmt.delta_key(gi, name)).to(torch.float32)
+        key = fmt.mask_key(gi, pos, name)
         if self._has(block.file, key):
             delta = delta * unpack_mask(self.tensor(block.file, key), tuple(base.shape))
-        skey = f"g{gi}/scalars"
+        skey = fmt.scalars_key(gi)
         if self._has(block.file, skey):
             delta = delta * self.tensor(block.file, skey)[pos]
         result = (base.to(torch.float32) + delta).to(base.dtype)
@@ -212,9 +254,7 @@ class Bundle:
             return key in self._mem[file]
         cache = self.__dict__.setdefault("_keycache", {})
         if file not in cache:
-            if file not in self._handles:
-                self._handles[file] = safe_open(str(self.root / file), framework="pt", device="cpu")
-            cache[file] = set(self._handles[file].keys())
+            cache[file] = set(self._handle(file).keys())
         return key in cache[file]
 
     def state_dict(self, task: str) -> dict[str, torch.Tensor]:
@@ -261,7 +301,7 @@ class Bundle:
                     if kind == "masked":
                         self.rebuild_masked(block, gi, pos, name, out=target)
                     else:
-                        key = f"g{gi}/m{pos}/{name}" if kind == "original" else f"g{gi}/merged/{name}"
+                        key = fmt.original_key(gi, pos, name) if kind == "original" else fmt.merged_key(gi, name)
                         target.copy_(self.tensor(block.file, key))
             spec = self.manifest["task_specific"].get(task, {})
             for name in spec.get("names", []):
@@ -290,11 +330,11 @@ class Bundle:
         gb, pb = self._where[b][block.name]
         return ga != gb or block.groups[ga]["kind"] != "merged" and pa != pb
 
-    def export(self, task: str, out: str | os.PathLike) -> Path:
+    def export(self, task: str, out: str | os.PathLike, force: bool = False) -> Path:
         """Write one task as the same kind of checkpoint as its input, atomically."""
         from .export import export_task
 
-        return export_task(self, task, out)
+        return export_task(self, task, out, force=force)
 
     def summary(self) -> dict:
         """Sizes and groups per block, for ``flexmerge inspect``."""

@@ -5,8 +5,12 @@ Every bad input ends as one line ``error: ...`` on stderr and exit code 2, witho
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import List, Optional
 
@@ -14,7 +18,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import FlexMergeError
+from .errors import FlexMergeError, Terminated
+from .outputs import check_target, json_format_of
 
 
 def _click_classes(name: str) -> tuple:
@@ -32,7 +37,8 @@ def _click_classes(name: str) -> tuple:
     return tuple(found)
 
 
-UsageError, Abort, ClickExit = (_click_classes(n) for n in ("UsageError", "Abort", "Exit"))
+UsageError, Abort, ClickExit, NoArgsIsHelp = (_click_classes(n) for n in ("UsageError", "Abort", "Exit",
+                                                                           "NoArgsIsHelpError"))
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Data-free model merging at any size (FlexMerge, Dhasade et al., ICLR 2026).")
@@ -48,21 +54,26 @@ SetOpt = typer.Option(None, "--set", help="method parameter KEY=VALUE, repeatabl
 LinkageOpt = typer.Option(None, "--linkage", help="min | max | avg")
 OrderOpt = typer.Option(None, "--order", help="greedy | left-right | right-left | random")
 SeedOpt = typer.Option(None, "--seed", help="random seed")
+PlannerOpt = typer.Option(None, "--planner", help="similarity (the paper's greedy) | distortion | hybrid | auto")
 ProgressOpt = typer.Option(True, "--progress/--no-progress", help="progress bars on a terminal")
+ForceOpt = typer.Option(False, "--force", help="replace an existing output even if flexmerge did not make it")
 
 
-def _job(config, base, task, exclude, blocks, method, sets, linkage, order, seed, progress):
+def _job(config, base, task, exclude, blocks, method, sets, linkage, order, seed, progress, planner=None):
     from .config import parse_assignments
     from .engine import FlexMerge
 
     overrides = {"base": base, "exclude": exclude or None, "blocks": blocks, "linkage": linkage,
-                 "order": order, "seed": seed}
+                 "order": order, "seed": seed, "planner": planner}
     if task:
         pairs = {}
         for item in task:
             name, sep, path = item.partition("=")
             if not sep:
                 raise FlexMergeError(f"--task expects NAME=PATH, got {item!r}")
+            if name in pairs:
+                raise FlexMergeError(f"--task: the name '{name}' is given twice ({pairs[name]!r} and "
+                                     f"{path!r}); give every task a distinct name")
             pairs[name] = path
         overrides["tasks"] = pairs
     if config is None:
@@ -106,14 +117,17 @@ def plan(config: Optional[Path] = ConfigArg, output: Path = typer.Option(..., "-
          exclude: Optional[List[str]] = ExcludeOpt, blocks: Optional[str] = BlocksOpt,
          method: Optional[str] = MethodOpt, set_: Optional[List[str]] = SetOpt,
          linkage: Optional[str] = LinkageOpt, order: Optional[str] = OrderOpt,
-         seed: Optional[int] = SeedOpt, progress: bool = ProgressOpt):
+         seed: Optional[int] = SeedOpt, progress: bool = ProgressOpt, force: bool = ForceOpt,
+         planner: Optional[str] = PlannerOpt):
     """Plan every size from N model units down to the minimum (one streaming pass)."""
-    fm = _job(config, base, task, exclude, blocks, method, set_, linkage, order, seed, progress)
+    fm = _job(config, base, task, exclude, blocks, method, set_, linkage, order, seed, progress, planner)
+    check_target(output, what="plan file", replaceable=lambda q: json_format_of(q) == "flexmerge-plan",
+                 force=force, hint="choose a new file name")
     p = fm.plan()
-    p.save(output)
+    p.save(output, force=force)
     out.print(f"plan: {len(p.steps)} merges over {len(p.blocks)} blocks, sizes {p.max_units:.4g} -> "
               f"{p.min_units:.4g} units ({_fmt_bytes(p.max_bytes)} -> {_fmt_bytes(p.min_bytes)}), "
-              f"method {p.method['name']}, linkage {p.linkage}, order {p.order}; wrote {output}")
+              f"method {p.method['name']}, planner {p.planner}, linkage {p.linkage}, order {p.order}; wrote {output}")
 
 
 @app.command()
@@ -125,34 +139,43 @@ def merge(config: Optional[Path] = ConfigArg,
           exclude: Optional[List[str]] = ExcludeOpt, blocks: Optional[str] = BlocksOpt,
           method: Optional[str] = MethodOpt, set_: Optional[List[str]] = SetOpt,
           linkage: Optional[str] = LinkageOpt, order: Optional[str] = OrderOpt,
-          seed: Optional[int] = SeedOpt, progress: bool = ProgressOpt):
+          seed: Optional[int] = SeedOpt, progress: bool = ProgressOpt, force: bool = ForceOpt,
+          planner: Optional[str] = PlannerOpt):
     """Merge to a target size and write a bundle."""
+    from .bundle_format import is_bundle_dir
     from .plan import Plan
 
-    fm = _job(config, base, task, exclude, blocks, method, set_, linkage, order, seed, progress)
+    check_target(output, what="output", replaceable=is_bundle_dir, force=force,
+                 hint="choose a new or empty directory")
+    fm = _job(config, base, task, exclude, blocks, method, set_, linkage, order, seed, progress, planner)
     if plan_file is not None:
         fm.use_plan(Plan.load(plan_file))
     p = fm._plan or fm.plan()
     p.target_bytes(size)  # range check before any heavy work
-    bundle = fm.merge(size, output)
-    out.print(f"bundle: {bundle.size_units:.4g} units ({_fmt_bytes(bundle.size_bytes)}) for "
+    bundle = fm.merge(size, output, force=force)
+    out.print(f"bundle: {bundle.size_units:.4g} units ({_fmt_bytes(bundle.size_bytes)}; requested {size}) for "
               f"{len(bundle.tasks)} tasks, method {bundle.method['name']}; wrote {output}")
 
 
 @app.command()
 def inspect(bundle_dir: Path = typer.Argument(..., help="a bundle directory"),
-            as_json: bool = typer.Option(False, "--json", help="print JSON")):
-    """Sizes, groups per block and method of a bundle."""
+            as_json: bool = typer.Option(False, "--json", help="print JSON"),
+            verify: bool = typer.Option(False, "--verify", help="also check every file's sha256 (reads the whole bundle)")):
+    """Sizes, groups per block and method of a bundle (the manifest is always checked)."""
     from .bundle import Bundle
 
     b = Bundle.load(bundle_dir)
+    if verify:
+        b.verify()
     s = b.summary()
     if as_json:
         print(json.dumps(s, indent=1))
         return
     size = s["size"]
+    params = ", ".join(f"{k}={v}" for k, v in s["method"].items() if k != "name")
     out.print(f"{bundle_dir}: {size['units']:.4g} of {size['max_units']} units, {_fmt_bytes(size['bytes'])} "
-              f"(+ {_fmt_bytes(size['task_specific_total'])} task-specific), method {s['method']}")
+              f"(+ {_fmt_bytes(size['task_specific_total'])} task-specific), method {s['method'].get('name')}"
+              + (f" ({params})" if params else "") + (", checksums verified" if verify else ""), markup=False)
     table = Table()
     for col in ("block", "groups", "stored"):
         table.add_column(col)
@@ -166,11 +189,12 @@ def inspect(bundle_dir: Path = typer.Argument(..., help="a bundle directory"),
 @app.command()
 def export(bundle_dir: Path = typer.Argument(..., help="a bundle directory"),
            task: str = typer.Option(..., "--task", "-t", help="task to export"),
-           output: Path = typer.Option(..., "-o", "--output", help="where to write the checkpoint")):
-    """Write one task as a plain checkpoint of the same kind as its input."""
+           output: str = typer.Option(..., "-o", "--output", help="where to write the checkpoint (a directory for HF inputs)"),
+           force: bool = ForceOpt):
+    """Write one task as a plain checkpoint of the same kind as its input (checksums verified)."""
     from .bundle import Bundle
 
-    path = Bundle.load(bundle_dir).export(task, output)
+    path = Bundle.load(bundle_dir).export(task, output, force=force)
     out.print(f"exported task {task} to {path}")
 
 
@@ -213,11 +237,20 @@ def serve(bundle_dir: Path = typer.Argument(..., help="a bundle directory"),
           port: int = typer.Option(8000, "--port", help="port on 127.0.0.1"),
           host: str = typer.Option("127.0.0.1", "--host", help="address to bind (localhost by default)"),
           rebuild_policy: str = typer.Option("on_the_fly", "--rebuild-policy", help="mask bundles: on_the_fly | cache"),
-          cache_budget: Optional[int] = typer.Option(None, "--cache-budget-bytes", help="memory budget of the cache policy")):
+          cache_budget: Optional[int] = typer.Option(None, "--cache-budget-bytes", help="memory budget of the cache policy"),
+          max_body: int = typer.Option(4 * 2**20, "--max-body-bytes", help="largest request body (413 above)"),
+          max_rows: int = typer.Option(256, "--max-rows", help="most rows per request, all tasks together"),
+          max_tokens: int = typer.Option(8192, "--max-tokens", help="most rows x tokens per request"),
+          timeout: float = typer.Option(30.0, "--timeout", help="seconds for a request's headers and body"),
+          max_connections: int = typer.Option(64, "--max-connections", help="open connections (503 above)"),
+          threads: Optional[int] = typer.Option(None, "--threads", help="torch threads of the model (default: torch's)")):
     """Serve every task of a bundle over HTTP (JSON): GET /tasks, POST /tasks/<task>, POST /batch."""
-    from .serve import serve as run_server
+    from .serve import Limits, serve as run_server
 
-    run_server(bundle_dir, host=host, port=port, rebuild_policy=rebuild_policy, cache_budget_bytes=cache_budget)
+    limits = Limits(max_body_bytes=max_body, max_rows=max_rows, max_tokens=max_tokens, timeout=timeout,
+                    max_connections=max_connections)
+    run_server(bundle_dir, host=host, port=port, rebuild_policy=rebuild_policy, cache_budget_bytes=cache_budget,
+               limits=limits, threads=threads)
 
 
 from .curve_cli import curve  # noqa: E402
@@ -225,27 +258,73 @@ from .curve_cli import curve  # noqa: E402
 app.command()(curve)
 
 
+def _raise_terminated(signum, frame):
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def _signals():
+    """SIGTERM/SIGHUP -> :class:`Terminated` while the command runs (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler)}  # even where
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # a shell started us with SIGINT ignored (background jobs)
+        previous[sig] = signal.signal(sig, _raise_terminated)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run the app, turning every expected failure into one line and exit code 2."""
+    """Entry point: run the app, turning every expected failure into one line and exit code 2.
+
+    Exit codes: 0 success; 2 bad input (one line ``error: ...``); 130 interrupted (SIGINT),
+    143 terminated (SIGTERM), 129 (SIGHUP); 1 an internal error (one line; set
+    ``FLEXMERGE_DEBUG=1`` for the traceback). Interrupted commands remove their temporary outputs.
+    """
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
-        app(args=argv, standalone_mode=False)
+        with _signals():
+            rv = app(args=argv, standalone_mode=False)
     except FlexMergeError as exc:
         err.print(f"error: {exc}", markup=False)
         return 2
+    except NoArgsIsHelp as exc:
+        out.print(exc.ctx.get_help(), markup=False, highlight=False)
+        return 0
     except UsageError as exc:
         hint = f" (see 'flexmerge {exc.ctx.info_name} --help')" if exc.ctx and exc.ctx.parent else " (see 'flexmerge --help')"
-        err.print(f"error: {exc.format_message()}{hint}", markup=False)
+        err.print(f"error: {' '.join(exc.format_message().split())}{hint}", markup=False)
         return 2
-    except Abort:
-        err.print("error: aborted", markup=False)
+    except (*Abort, KeyboardInterrupt):
+        err.print("error: interrupted; nothing was written", markup=False)
         return 130
-    except (OSError, MemoryError) as exc:
-        err.print(f"error: {type(exc).__name__}: {exc}", markup=False)
-        return 2
+    except Terminated as exc:
+        err.print(f"error: terminated by signal {exc.signum}; nothing was written", markup=False)
+        return 128 + exc.signum
     except ClickExit as exc:
         return exc.exit_code
-    return 0
+    except MemoryError:
+        err.print("error: out of memory; use a smaller model or size, or a machine with more memory", markup=False)
+        return 2
+    except OSError as exc:
+        where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+        err.print(f"error: cannot access{where}: {exc.strerror or exc}; check the path and its permissions",
+                  markup=False)
+        return 2
+    except Exception as exc:  # a bug: one line, traceback on request
+        if os.environ.get("FLEXMERGE_DEBUG"):
+            raise
+        text = " ".join(str(exc).split())[:300]
+        err.print(f"error: internal error ({type(exc).__name__}: {text}); please report it with the command "
+                  "(FLEXMERGE_DEBUG=1 shows the traceback)", markup=False)
+        return 1
+    if rv == 130:  # typer turns KeyboardInterrupt into Exit(130) after every ``finally`` ran
+        err.print("error: interrupted; nothing was written", markup=False)
+    return rv if isinstance(rv, int) else 0
 
 
 if __name__ == "__main__":
@@ -253,5 +332,6 @@ if __name__ == "__main__":
 
 
 def run() -> None:
-    """Console-script entry point."""
+    """Entry point for ``python -m flexmerge.cli``-style callers; the console script is
+    :func:`flexmerge._entry.run` (handlers installed before the heavy imports)."""
     sys.exit(main())

@@ -6,6 +6,7 @@ relative to that file. Every key can be overridden from the CLI (see :func:`appl
 
 from __future__ import annotations
 
+import numbers
 import os
 import re
 from pathlib import Path
@@ -14,12 +15,16 @@ from typing import Any, Literal, Mapping, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .bundle_format import TASK_NAME_RX
 from .errors import FlexMergeError
 
 Linkage = Literal["min", "max", "avg"]
 Order = Literal["greedy", "left-right", "right-left", "random"]
+Planner = Literal["similarity", "distortion", "hybrid", "auto"]
 BlockPreset = Literal["component", "layer", "tensor", "model"]
 CheckpointRef = Any  # a path (str / PathLike) or an in-memory {name: tensor} mapping
+SEED_LIMIT = 2**32
+CONFIG_MAX_BYTES = 16 << 20
 
 
 class BlockRule(BaseModel):
@@ -43,7 +48,7 @@ class BlockRule(BaseModel):
 
 
 class MergeConfig(BaseModel):
-    """What to merge and how (issue "engine", Config)."""
+    """What to merge and how."""
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
@@ -54,7 +59,17 @@ class MergeConfig(BaseModel):
     method: Union[str, dict[str, Any]] = "task_arithmetic"
     linkage: Linkage = "min"
     order: Order = "greedy"
+    planner: Planner = "similarity"
     seed: int = 0
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _seed_range(cls, v):
+        # numpy's default_rng rejects negative seeds, and channel merging reduces seeds modulo
+        # 2**32 (baselines/channel_merging.py), so larger ones would silently repeat smaller ones.
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 0 <= v < SEED_LIMIT:
+            raise ValueError(f"must be an integer from 0 to {SEED_LIMIT - 1}, got {v!r}; e.g. --seed 0")
+        return int(v)
 
     @field_validator("tasks")
     @classmethod
@@ -62,8 +77,9 @@ class MergeConfig(BaseModel):
         if len(v) < 2:
             raise ValueError(f"needs at least two tasks, got {len(v)}; add fine-tuned checkpoints under 'tasks'")
         for name in v:
-            if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
-                raise ValueError(f"task name {name!r} must use letters, digits, '_', '-', '.'")
+            if not isinstance(name, str) or not TASK_NAME_RX.fullmatch(name):
+                raise ValueError(f"task name {name!r} must start with a letter or digit and use letters, "
+                                 "digits, '_', '-', '.' (at most 100 characters)")
         return v
 
     @field_validator("exclude")
@@ -94,7 +110,8 @@ class MergeConfig(BaseModel):
         blocks = self.blocks if isinstance(self.blocks, str) else [r.model_dump() for r in self.blocks]
         return {"base": ref(self.base), "tasks": {k: ref(v) for k, v in self.tasks.items()},
                 "exclude": list(self.exclude), "blocks": blocks, "method": self.method,
-                "linkage": self.linkage, "order": self.order, "seed": self.seed}
+                "linkage": self.linkage, "order": self.order, "seed": self.seed,
+                "planner": self.planner}
 
 
 ALLOWED_KEYS = list(MergeConfig.model_fields)
@@ -131,18 +148,12 @@ def make_config(data: Mapping[str, Any] | MergeConfig, where: str = "config") ->
 def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> MergeConfig:
     """Read a YAML config; relative checkpoint paths are taken relative to the file."""
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise FlexMergeError(f"config file not found: {p}; write a YAML file with 'base' and 'tasks'")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise FlexMergeError(f"{p}: invalid YAML{at}; fix the syntax") from None
+    data = _read_yaml(p)
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise FlexMergeError(f"{p}: the top level must be a mapping with keys {', '.join(ALLOWED_KEYS)}")
+        raise FlexMergeError(f"{p}: the top level is a {_yaml_kind(data)}, not a mapping; write keys "
+                             f"such as 'base:' and 'tasks:' (allowed: {', '.join(ALLOWED_KEYS)})")
     data = dict(data)
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
 
@@ -155,8 +166,78 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
     if "base" in data:
         data["base"] = resolve(data["base"])
     if isinstance(data.get("tasks"), dict):
+        names = [str(k) for k in data["tasks"]]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise FlexMergeError(f"{p}: task name(s) {', '.join(map(repr, twice))} given twice under 'tasks' "
+                                 "(e.g. 1 and '1'); give every task a distinct name")
         data["tasks"] = {str(k): resolve(v) for k, v in data["tasks"].items()}
     return make_config(data, where=str(p))
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, first: int, line: int):
+        super().__init__(f"key {key!r} appears twice in one mapping (lines {first} and {line})")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping with a repeated key (PyYAML keeps the last one
+    silently, which would drop a task)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _value in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: SafeLoader reports it below
+                    continue
+                if first is not None:
+                    raise _DuplicateKey(key, first, key_node.start_mark.line + 1)
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_kind(data: Any) -> str:
+    return {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}.get(
+        type(data), type(data).__name__)
+
+
+def _read_yaml(p: Path) -> Any:
+    """Parse a YAML config file; every unreadable, non-text or malformed file is one line."""
+    if p.is_dir():
+        raise FlexMergeError(f"config {p} is a directory; give the YAML file (e.g. {p / 'merge.yaml'})")
+    if not p.exists():
+        raise FlexMergeError(f"config file not found: {p}; write a YAML file with 'base' and 'tasks'")
+    try:
+        with open(p, "rb") as fh:  # bounded: /dev/zero or a huge file must not exhaust memory
+            raw = fh.read(CONFIG_MAX_BYTES + 1)
+    except OSError as exc:
+        raise FlexMergeError(f"cannot read config {p}: {exc.strerror or exc}; check its permissions") from None
+    if len(raw) > CONFIG_MAX_BYTES:
+        raise FlexMergeError(f"config {p} is larger than {CONFIG_MAX_BYTES >> 20} MiB; a merge config is a "
+                             "short YAML file with 'base' and 'tasks'")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise FlexMergeError(f"config {p} is not UTF-8 text (byte {exc.start}); give a YAML text file") from None
+    if "\x00" in text:
+        raise FlexMergeError(f"config {p} is a binary file (it contains NUL bytes); give a YAML text file")
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except _DuplicateKey as exc:
+        raise FlexMergeError(f"{p}: {exc}; keep one of them (YAML would silently keep only the last)") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None)
+        why = f" ({problem})" if problem else ""
+        raise FlexMergeError(f"{p}: invalid YAML{at}{why}; fix the syntax") from None
+    except RecursionError:
+        raise FlexMergeError(f"{p}: YAML nested too deeply; write a flat mapping with 'base' and 'tasks'") from None
 
 
 def parse_assignments(items: list[str] | None) -> dict[str, Any]:
@@ -166,7 +247,13 @@ def parse_assignments(items: list[str] | None) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise FlexMergeError(f"--set expects KEY=VALUE, got {item!r} (e.g. --set lambda=1.5)")
-        out[key.strip()] = yaml.safe_load(value)
+        if key.strip() in out:
+            raise FlexMergeError(f"--set {key.strip()} is given twice; give each parameter once")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise FlexMergeError(f"--set {item}: the value is not valid YAML; quote it or give a number "
+                                 "(e.g. --set lambda=1.5)") from None
     return out
 
 

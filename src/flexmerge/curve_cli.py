@@ -1,4 +1,4 @@
-"""``flexmerge curve``: accuracy-size curves of a user's own models (issue "bench", generic command).
+"""``flexmerge curve``: accuracy-size curves of a user's own models.
 
     flexmerge curve merge.yaml --sizes 1,1.5,2,4 --methods task_arithmetic,ties \\
         --evaluator my_module:evaluate -o curve/
@@ -31,6 +31,11 @@ def _method_specs(methods: Optional[str], sets: Optional[List[str]]) -> Optional
     from .methods import method_class
 
     names = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    if methods is not None and not names:
+        raise FlexMergeError(f"--methods {methods!r} names no method; give e.g. --methods task_arithmetic,ties")
+    twice = sorted({n for n in names or [] if names.count(n) > 1})
+    if twice:
+        raise FlexMergeError(f"--methods lists {', '.join(twice)} more than once; give each method once")
     if not sets:
         return names
     if names is None:
@@ -88,7 +93,10 @@ def curve(config: Path = typer.Argument(..., help="merge config (YAML): base, ta
                                          help="also evaluate the pretrained weights (+ each task's own heads)"),
           ylabel: str = typer.Option("score", "--metric", help="name of the score in plots (e.g. accuracy)"),
           plots: bool = typer.Option(True, "--plots/--no-plots", help="write PNG plots"),
-          progress: bool = typer.Option(True, "--progress/--no-progress", help="progress output on stderr")):
+          progress: bool = typer.Option(True, "--progress/--no-progress", help="progress output on stderr"),
+          planner: Optional[str] = typer.Option(None, "--planner",
+                                                help="similarity (the paper's greedy) | distortion | hybrid | auto "
+                                                     "(overrides the config's 'planner')")):
     """Accuracy-size curves: evaluate merge methods at several sizes with your own evaluator."""
     from rich.console import Console
     from rich.markup import escape
@@ -111,6 +119,10 @@ def curve(config: Path = typer.Argument(..., help="merge config (YAML): base, ta
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         raise FlexMergeError(f"--seeds expects comma-separated integers, got {seeds!r}") from None
+    if planner is not None:
+        from .config import load_config
+
+        config = load_config(config, {"planner": planner})
     result = sweep(config, specs, sizes, ev, model_factory=factory, orders=orders, linkages=linkages,
                    seeds=seed_list, ablation_methods=ablation,
                    zero_shot=zero_shot, out=output, plots=plots, ylabel=ylabel,

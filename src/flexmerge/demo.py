@@ -10,7 +10,6 @@ prints the accuracy-size table next to the fine-tuned and zero-shot levels; writ
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -58,12 +57,6 @@ def run_demo(out: str | os.PathLike | None = None, *, methods: Sequence[str] = D
                   f"checkpoints in {suite.root}", markup=False)
     result.out_dir = out
     return result
-
-
-def main(argv: Sequence[str] | None = None) -> int:  # pragma: no cover - thin wrapper
-    from .cli import main as cli_main
-
-    return cli_main(["demo", *(argv or sys.argv[1:])])
 
 
 __all__ = ["run_demo", "DEMO_METHODS", "DEMO_SIZES", "FlexMergeError"]

@@ -6,7 +6,7 @@
     bundle = fm.merge(2.5, out="out/")               # a bundle of 2.5 model units on disk
     sd = fm.merge(1.0).state_dict("sst2")            # or in memory
 
-Pipeline (ARCHITECTURE.md): source -> blocks -> similarity -> plan -> materialize -> bundle.
+Pipeline (docs/architecture.md): source -> blocks -> similarity -> plan -> materialize -> bundle.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .blocks import BlockMap
-from .bundle import BUNDLE_FORMAT, BUNDLE_VERSION, Bundle, BundleWriter, block_entry
+from . import bundle_format as fmt
+from .bundle import Bundle, BundleWriter, block_entry
 from .config import MergeConfig, load_config, make_config, method_spec
 from .errors import FlexMergeError
 from .materialize import materialize
@@ -56,11 +57,30 @@ class FlexMerge:
         self._global_done = False
         self._group_cache: dict | None = None
 
-    def cache_groups(self, enabled: bool = True) -> None:
+    def cache_groups(self, enabled: bool = True) -> "_GroupCache":
         """Keep every merged group in memory so that later merges of this plan (other sizes)
         merge only their new groups: what a sweep over sizes wants. Costs up to N - 1 merged
-        copies of the model in RAM; off by default."""
+        copies of the model in RAM; off by default. Also a context manager:
+        ``with fm.cache_groups(): ...`` drops the cache (and turns it off) on leaving the block."""
         self._group_cache = {} if enabled else None
+        return _GroupCache(self)
+
+    def close(self) -> None:
+        """Drop the group cache and close the checkpoint sources (their open files); a closed
+        job can no longer read tensors. ``with FlexMerge(cfg) as fm:`` closes on leaving."""
+        self._group_cache = None
+        self.models.close()
+
+    def __enter__(self) -> "FlexMerge":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self.models.closed:
+            raise FlexMergeError("this FlexMerge is closed (its 'with' block has ended or close() was "
+                                 "called); create a new FlexMerge to read the checkpoints again")
 
     # ---- facts ---------------------------------------------------------------------------
     @property
@@ -86,6 +106,7 @@ class FlexMerge:
 
     def grams(self) -> dict:
         """Per-block Gram matrices of (transformed) task vectors: one streaming pass."""
+        self._check_open()
         self._run_global_pass()
         with self.progress.task("similarity", total=len(self.models.mergeable)) as bar:
             transform = self.method.transform if self.method.transforms else None
@@ -97,15 +118,21 @@ class FlexMerge:
         return STREAM_CHUNK if ok else None
 
     def plan(self, *, linkage: str | None = None, order: str | None = None, seed: int | None = None,
-             grams: dict | None = None) -> Plan:
-        """The whole trajectory; cached. Other linkage/order/seed reuse the Gram matrices."""
+             grams: dict | None = None, planner: str | None = None) -> Plan:
+        """The whole trajectory; cached. Other linkage/order/seed/planner reuse the Gram matrices.
+        An ``order`` other than greedy given here is an ablation of the ``similarity`` planner,
+        so it plans with that planner unless ``planner`` says otherwise."""
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 32):
+            raise FlexMergeError(f"seed {seed!r} must be an integer from 0 to {2 ** 32 - 1}")
         if grams is None:
             grams = self._plan.grams if self._plan is not None else self.grams()
+        if planner is None:
+            planner = "similarity" if order not in (None, "greedy") else self.config.planner
         plan = make_plan(grams, self.cost, self.tasks, method=self.method.describe(),
                          linkage=linkage or self.config.linkage, order=order or self.config.order,
                          seed=self.config.seed if seed is None else seed,
-                         task_specific_bytes=self.models.task_specific_bytes())
-        if linkage is None and order is None and seed is None:
+                         task_specific_bytes=self.models.task_specific_bytes(), planner=planner)
+        if linkage is None and order is None and seed is None and planner == self.config.planner:
             self._plan = plan
         return plan
 
@@ -122,8 +149,11 @@ class FlexMerge:
 
     # ---- merging -------------------------------------------------------------------------
     def merge(self, size: float | str | None = None, out: str | os.PathLike | None = None, *,
-              plan: Plan | None = None, grouping: Grouping | None = None) -> Bundle:
-        """Merge to ``size`` (units, or e.g. ``"40MB"``); write to ``out`` or keep in memory."""
+              plan: Plan | None = None, grouping: Grouping | None = None, force: bool = False) -> Bundle:
+        """Merge to ``size`` (units, or e.g. ``"40MB"``); write to ``out`` or keep in memory.
+
+        ``out`` must be new, empty or an earlier bundle; ``force`` replaces anything."""
+        self._check_open()
         if grouping is None:
             plan = plan or self._plan or self.plan()
             grouping = plan.at(size if size is not None else plan.min_units)
@@ -131,18 +161,19 @@ class FlexMerge:
         stored = materialize(self.models, self.method, grouping, self.cost, cache=self._group_cache)
         if out is None:
             return self._in_memory(stored, grouping, plan)
-        return self._write(stored, grouping, plan, Path(out))
+        return self._write(stored, grouping, plan, Path(out), force)
 
     def _manifest(self, blocks: list[dict], grouping: Grouping, plan: Plan | None,
-                  task_specific: dict, hashes: bool) -> dict:
+                  task_specific: dict, hashes: bool, assets: dict | None = None) -> dict:
         m = self.models
         srcs = {"base": _source_entry(m.base, hashes),
                 "tasks": {t: _source_entry(s, hashes) for t, s in m.tasks.items()}}
         spec_bytes = m.task_specific_bytes()
         return {
-            "format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "tasks": self.tasks,
+            "format": fmt.BUNDLE_FORMAT, "version": fmt.BUNDLE_VERSION, "tasks": self.tasks,
             "method": self.method.describe(),
-            "plan": {"linkage": plan.linkage if plan else None, "order": plan.order if plan else None,
+            "plan": {"planner": plan.planner if plan else None, "candidate": grouping.planner,
+                     "linkage": plan.linkage if plan else None, "order": plan.order if plan else None,
                      "seed": plan.seed if plan else None, "steps": grouping.steps},
             "size": {"bytes": grouping.size_bytes, "units": grouping.size_units,
                      "unit_bytes": self.cost.unit_bytes, "max_units": len(self.tasks),
@@ -150,43 +181,76 @@ class FlexMerge:
             "blocks": blocks, "task_specific": task_specific,
             "aliases": dict(m.aliases),
             "task_keys": {t: list(s.names()) for t, s in m.tasks.items()},
-            "sources": srcs, "config": self.config.public_dict(),
+            "sources": srcs, "config": self.config.public_dict(), "assets": assets or {},
         }
 
     def _in_memory(self, stored, grouping, plan) -> Bundle:
         mem, entries = {}, []
         for sb in stored:
-            rel = f"tensors/block-{sb.index:05d}.safetensors"
+            rel = fmt.block_file(sb.index)
+            _check_finite(sb, self.method)
             mem[rel] = sb.tensors
             entries.append(block_entry(sb, rel, self.tasks, self.blockmap.blocks[sb.index].params))
         task_specific = {}
         for t, names in self.models.task_specific.items():
-            rel = f"tensors/task-{t}.safetensors"
+            rel = fmt.task_file(t)
             mem[rel] = {n: self.models.tasks[t].get(n) for n in names}
             task_specific[t] = {"file": rel, "names": names}
         return Bundle(self._manifest(entries, grouping, plan, task_specific, hashes=False), tensors=mem)
 
-    def _write(self, stored, grouping, plan, out: Path) -> Bundle:
-        writer = BundleWriter(out)
+    def _write(self, stored, grouping, plan, out: Path, force: bool = False) -> Bundle:
+        writer = BundleWriter(out, force=force)
         try:
             entries = []
             with self.progress.task("merge", total=len(self.blockmap.blocks)) as bar:
                 for sb in stored:
-                    rel = f"tensors/block-{sb.index:05d}.safetensors"
+                    rel = fmt.block_file(sb.index)
+                    _check_finite(sb, self.method)
                     writer.write(rel, sb.tensors)
                     entries.append(block_entry(sb, rel, self.tasks, self.blockmap.blocks[sb.index].params))
                     bar(sb.index + 1, len(self.blockmap.blocks))
             task_specific = {}
             for t, names in self.models.task_specific.items():
-                rel = f"tensors/task-{t}.safetensors"
+                rel = fmt.task_file(t)
                 writer.write(rel, {n: self.models.tasks[t].get(n).contiguous() for n in names})
                 task_specific[t] = {"file": rel, "names": names}
-            manifest = self._manifest(entries, grouping, plan, task_specific, hashes=True)
+            assets = {}
+            for t, src in self.models.tasks.items():
+                source_dir = src.path if src.kind == "hf_dir" else None
+                for path in fmt.task_assets(source_dir):
+                    rel = fmt.asset_file(t, path.name)
+                    writer.copy_file(path, rel)
+                    assets.setdefault(t, {})[path.name] = rel
+            manifest = self._manifest(entries, grouping, plan, task_specific, hashes=True, assets=assets)
             root = writer.commit(manifest)
         except BaseException as exc:
             writer.abort(exc)
             raise
         return Bundle.load(root)
+
+
+class _GroupCache:
+    """What :meth:`FlexMerge.cache_groups` returns: leaving its ``with`` block drops the cache."""
+
+    def __init__(self, fm: FlexMerge):
+        self._fm = fm
+
+    def __enter__(self) -> FlexMerge:
+        return self._fm
+
+    def __exit__(self, *exc) -> None:
+        self._fm._group_cache = None
+
+
+def _check_finite(sb, method: MergeMethod) -> None:
+    """Refuse to store a merged block that is not finite (e.g. a scale so large that float32
+    overflows): the inputs were checked finite, so the method's parameters are to blame."""
+    import torch
+
+    for key, t in sb.tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise FlexMergeError(f"method {method.describe()} produced non-finite values in block "
+                                 f"'{sb.name}' ({key}); use smaller scaling parameters")
 
 
 def _source_entry(src, hashes: bool) -> dict:

@@ -10,3 +10,12 @@ class FlexMergeError(ValueError):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
+
+
+class Terminated(BaseException):
+    """Raised in the main thread when the process receives SIGTERM or SIGHUP, so that every
+    ``finally`` (temporary outputs) runs before the exit code 128 + signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum

@@ -1,9 +1,10 @@
 """Export one task of a bundle as a plain checkpoint of the same kind as its input.
 
-An HF directory keeps that task's own ``config.json`` and tokenizer files (copied from the task's
-source directory when it is still there) and gets ``model.safetensors``; a ``.safetensors`` input
-gives a ``.safetensors`` file; a torch ``.pt``/``.bin`` input a torch state dict. Tied names are
-written the way the source had them. Writing is atomic.
+An HF directory gets that task's own ``config.json`` and tokenizer files (stored in the bundle,
+so the sources may be gone) and ``model.safetensors``; a ``.safetensors`` input gives a
+``.safetensors`` file; a torch ``.pt``/``.bin`` input a torch state dict. Tied names are written the
+way the source had them. Writing is atomic, and an existing path is replaced only if it is an
+earlier flexmerge export (its safetensors metadata says so) or ``force`` is given.
 """
 
 from __future__ import annotations
@@ -13,15 +14,35 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import FlexMergeError
-from .io import atomic_path
+from .bundle_format import ASSET_FILES
+from .outputs import atomic_path
 
-_HF_EXTRA_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model",
-                   "tokenizer.model", "added_tokens.json", "sentencepiece.bpe.model",
-                   "preprocessor_config.json", "modules.json", "sentence_bert_config.json")
+EXPORT_METADATA = {"format": "pt", "producer": "flexmerge-export"}
+_EXPORT_WEIGHTS = "model.safetensors"
+
+
+def _is_export_file(path: Path) -> bool:
+    """A safetensors file whose metadata says flexmerge exported it."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return (fh.metadata() or {}).get("producer") == EXPORT_METADATA["producer"]
+    except Exception:
+        return False
+
+
+def _is_export_dir(path: Path) -> bool:
+    """A directory holding only what :func:`export_task` writes, with a flexmerge weights file."""
+    try:
+        names = {p.name for p in path.iterdir() if p.is_file() and not p.is_symlink()}
+        if len(names) != len(list(path.iterdir())):
+            return False
+    except OSError:
+        return False
+    return _EXPORT_WEIGHTS in names and names <= {_EXPORT_WEIGHTS, *ASSET_FILES} \
+        and _is_export_file(path / _EXPORT_WEIGHTS)
 
 
 def _untie_for_safetensors(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -38,28 +59,30 @@ def _untie_for_safetensors(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
-def export_task(bundle, task: str, out: str | os.PathLike) -> Path:
+def export_task(bundle, task: str, out: str | os.PathLike, force: bool = False) -> Path:
+    """Write ``task`` to ``out``; an ``out`` that is an existing directory or ends with a path
+    separator receives ``<task>.safetensors`` (or ``.pt``) inside it, for file-kind inputs."""
     sd = bundle.state_dict(task)
     src = bundle.manifest["sources"]["tasks"][task]
     kind = src.get("kind", "safetensors")
+    into_dir = str(out).endswith(("/", os.sep))
     out = Path(out).expanduser()
     if kind == "hf_dir":
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise FlexMergeError(f"export target {out} exists and is not empty; choose a new directory")
-        with atomic_path(out, is_dir=True) as tmp:
-            source_dir = Path(src["path"]) if src.get("path") else None
-            if source_dir is not None and source_dir.is_dir():
-                for name in _HF_EXTRA_FILES:
-                    if (source_dir / name).is_file():
-                        shutil.copy2(source_dir / name, tmp / name)
-            save_file(_untie_for_safetensors(sd), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        assets = bundle.asset_dir(task)
+        with atomic_path(out, is_dir=True, what="export target", replaceable=_is_export_dir, force=force,
+                         hint="choose a new directory") as tmp:
+            if assets is not None:
+                for name in bundle.manifest["assets"][task]:
+                    shutil.copyfile(assets / name, tmp / name)
+            save_file(_untie_for_safetensors(sd), str(tmp / _EXPORT_WEIGHTS), metadata=EXPORT_METADATA)
         return out
-    if out.is_dir() or str(out).endswith(os.sep):
+    if into_dir or out.is_dir():
         suffix = ".safetensors" if kind in ("safetensors", "state_dict") else ".pt"
         out = out / f"{task}{suffix}"
-    with atomic_path(out, is_dir=False) as tmp:
+    with atomic_path(out, is_dir=False, what="export target", replaceable=_is_export_file, force=force,
+                     hint="choose a new file name") as tmp:
         if kind == "torch" and out.suffix != ".safetensors":
             torch.save(sd, tmp)
         else:
-            save_file(_untie_for_safetensors(sd), str(tmp), metadata={"format": "pt"})
+            save_file(_untie_for_safetensors(sd), str(tmp), metadata=EXPORT_METADATA)
     return out

@@ -1,6 +1,6 @@
-"""Reading checkpoints lazily and writing outputs atomically.
+"""Reading checkpoints lazily (one tensor, or one range of elements, at a time).
 
-Supported inputs (issue "engine"): HF model directories (``config.json`` + ``model.safetensors``,
+Supported inputs: HF model directories (``config.json`` + ``model.safetensors``,
 sharded ``*.safetensors`` with ``model.safetensors.index.json``, or ``pytorch_model.bin``), single
 ``.safetensors`` files, and torch ``.pt``/``.bin`` state dicts. Safetensors are memory-mapped and
 read one tensor at a time; torch pickles are loaded with ``mmap=True`` so that only touched
@@ -10,14 +10,11 @@ benchmark).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Mapping
 
 import torch
 
@@ -152,6 +149,8 @@ class _SafetensorsFile:
 
     def __init__(self, path: Path):
         self.path = path
+        if path.exists() and not path.is_file():
+            raise FlexMergeError(f"{path} is not a regular file (a pipe or device); give a checkpoint file")
         try:
             self.fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
@@ -286,6 +285,10 @@ class TorchSource(CheckpointSource):
         except FileNotFoundError:
             raise FlexMergeError(f"checkpoint file not found: {file}; check the path") from None
         except Exception as exc:
+            if "weights only" in str(exc).lower() or "weights_only" in str(exc):
+                raise FlexMergeError(f"{file} holds Python objects other than tensors (refused: loading them "
+                                     "could run code); save model.state_dict() with torch.save, or use "
+                                     ".safetensors") from None
             raise FlexMergeError(f"cannot load {file} as a torch state dict ({_first_line(exc)}); "
                                  "the file is corrupted or not a state dict: re-save it with "
                                  "torch.save(model.state_dict(), path)") from None
@@ -326,6 +329,9 @@ def open_checkpoint(path: str | os.PathLike | Mapping[str, torch.Tensor] | Check
                              ".safetensors file or a .pt/.bin state dict")
     if p.is_dir():
         return _open_hf_dir(p, label)
+    if not p.is_file():
+        raise FlexMergeError(f"{label}: {p} is not a regular file (a pipe or device); give a checkpoint file "
+                             "or directory")
     if p.suffix == ".safetensors":
         return SafetensorsSource([p], p, "safetensors")
     if p.suffix in (".pt", ".pth", ".bin", ".ckpt"):
@@ -389,55 +395,6 @@ def _st_dtype(code: str, name: str, file: Path) -> torch.dtype:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
-
-
-# --------------------------------------------------------------------------------------------
-# atomic writing
-
-
-@contextlib.contextmanager
-def atomic_path(target: str | os.PathLike, is_dir: bool) -> Iterator[Path]:
-    """Yield a temporary path next to ``target``; on success rename it onto ``target``.
-
-    On any exception the temporary path is removed, so an interrupted run never leaves a half
-    written output (an existing ``target`` is replaced only after the new one is complete).
-    """
-    target = Path(target).expanduser()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if is_dir:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        os.close(fd)
-        tmp = Path(name)
-    try:
-        yield tmp
-        # mkstemp/mkdtemp make the path private (0600/0700); give it the permissions a plain
-        # open()/mkdir() would have, so bundles and tables are readable like any other output
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, (0o777 if is_dir else 0o666) & ~umask)
-        if is_dir:
-            if target.exists():
-                old = target.with_name(f".{target.name}.old-{os.getpid()}")
-                os.replace(target, old)
-                os.replace(tmp, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, target)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    with atomic_path(path, is_dir=False) as tmp:
-        tmp.write_text(json.dumps(obj, indent=1) + "\n")
 
 
 def file_sha256(path: Path) -> str:

@@ -1,7 +1,7 @@
 """Materialise a grouping: run the merge method on every block group, block by block.
 
 Yields, per block, what the bundle stores (:class:`StoredBlock`). Memory stays near
-base block + N x block + output (ARCHITECTURE.md "Memory"): one block is in memory at a time.
+base block + N x block + output (docs/architecture.md, "Invariants"): one block is in memory at a time.
 A group of one stores its task's original tensors, read directly from the checkpoint (so the
 largest size rebuilds every task bit for bit); mask methods follow :class:`~flexmerge.sizes.CostModel`
 for which groups keep their originals.
@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from . import bundle_format as fmt
 from .methods.base import GroupInput, MergeMethod, StoredGroup
 from .plan import Grouping
 from .sizes import CostModel
@@ -76,7 +77,7 @@ def materialize(models: ModelSet, method: MergeMethod, grouping: Grouping, cost:
                 taus[name] = method.transform(name, t) if method.transforms else t
         if layout.store_base:
             for name in block.params:
-                tensors[f"base/{name}"] = models.base.get(name).contiguous()
+                tensors[fmt.base_key(name)] = models.base.get(name).contiguous()
 
         def merged_group(members) -> StoredGroup:
             key = (block.name, tuple(members))
@@ -101,7 +102,7 @@ def materialize(models: ModelSet, method: MergeMethod, grouping: Grouping, cost:
                 for pos, t in enumerate(members):
                     src = models.tasks[tasks[t]]
                     for name in block.params:
-                        tensors[f"g{gi}/m{pos}/{name}"] = src.get(name).contiguous()
+                        tensors[fmt.original_key(gi, pos, name)] = src.get(name).contiguous()
                 continue
             stored = merged_group(members)
             for name in block.params:
@@ -112,14 +113,14 @@ def materialize(models: ModelSet, method: MergeMethod, grouping: Grouping, cost:
                         raise RuntimeError("mask method in a plain layout")
                     if name not in base32:  # every group of this block came from the cache
                         base32[name] = models.base.get(name).to(torch.float32)
-                    tensors[f"g{gi}/merged/{name}"] = (base32[name] + merged).to(dtype).contiguous()
+                    tensors[fmt.merged_key(gi, name)] = (base32[name] + merged).to(dtype).contiguous()
                 else:
-                    tensors[f"g{gi}/delta/{name}"] = merged.to(dtype).contiguous()
+                    tensors[fmt.delta_key(gi, name)] = merged.to(dtype).contiguous()
                     if stored.masks is not None:
                         for pos in range(len(members)):
-                            tensors[f"g{gi}/mask{pos}/{name}"] = pack_mask(stored.masks[name][pos])
+                            tensors[fmt.mask_key(gi, pos, name)] = pack_mask(stored.masks[name][pos])
             if kind == "masked" and stored.scalars is not None:
-                tensors[f"g{gi}/scalars"] = stored.scalars.to(torch.float32).reshape(-1).contiguous()
+                tensors[fmt.scalars_key(gi)] = stored.scalars.to(torch.float32).reshape(-1).contiguous()
         yield StoredBlock(block.name, bi, layout.store_base, records, tensors, layout.nbytes)
         if progress is not None:
             progress(bi + 1, len(blocks))

@@ -13,8 +13,18 @@ groups with the smallest task indices. Ablation orders: ``left-right`` / ``right
 block fully (most similar pair first) before the next; ``random`` picks a uniformly random
 (block, pair of groups) at each step from a seeded generator.
 
-``Plan.at(size)`` returns the grouping of the *shortest* prefix whose size is at most the target:
-the fewest merges that fit the budget (every later step only removes accuracy).
+``Plan.at(size)`` never exceeds the target. With ``fit = "prefix"`` (the ``similarity`` planner's
+default) it returns the grouping of the *shortest* prefix whose size is at most the target: the
+fewest merges that fit the budget (every later step only removes accuracy). With ``fit = "fill"``
+(the size-aware planners' default) it walks the trajectory and, where a step would cross below the
+target, records that ending, skips the step together with every later step of its block, and goes
+on taking the steps that stay above the target; of the endings (the first is the prefix's) it
+returns the one of lowest predicted loss (:func:`flexmerge.planners.predicted_loss`; ties: the
+larger size, then the earlier). Landing closest is not the rule: on the 4-task demo the closest
+ending below 3.5 units skips the embedding merge and merges many small blocks instead, at 18
+times the predicted loss (0.227 against 0.012). Blocks are independent, so every block's steps stay a prefix of its own steps
+and every size is exact. Planners other than
+the paper's greedy criterion are in :mod:`flexmerge.planners`.
 """
 
 from __future__ import annotations
@@ -24,18 +34,23 @@ import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Iterable, Literal, Optional, Sequence
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, StrictStr, ValidationError, model_validator
+from pydantic import Field as PydField
 
 from .errors import FlexMergeError
-from .io import write_json_atomic
+from .outputs import json_format_of, write_json_atomic
 from .similarity import cosine_from_gram
 from .sizes import CostModel
 
 PLAN_FORMAT = "flexmerge-plan"
 PLAN_VERSION = 1
+PLAN_MAX_BYTES = 1 << 30  # a plan holds N x N Gram matrices per block: ~70 MB for 100 tasks x 320 blocks
 _EPS = 1e-9
+FITS = ("prefix", "fill")
 
 
 @dataclass
@@ -55,6 +70,7 @@ class Grouping:
     steps: int
     size_bytes: int
     size_units: float
+    planner: str | None = None  # for an ``auto`` plan: the candidate chosen at this size
 
 
 @dataclass
@@ -72,6 +88,10 @@ class Plan:
     seed: int
     grams: dict[str, list[list[float]]] = field(repr=False, default_factory=dict)
     task_specific_bytes: dict[str, int] = field(default_factory=dict)
+    planner: str = "similarity"
+    fit: str = "prefix"
+    alternatives: dict[str, dict] = field(repr=False, default_factory=dict)
+    """``auto`` plans: the other candidates, ``{planner: {"fit": fit, "steps": [MergeStep]}}``."""
 
     # ---- sizes --------------------------------------------------------------------------
     @property
@@ -129,12 +149,94 @@ class Plan:
                 return k
         return len(sizes) - 1  # unreachable: target >= min_bytes
 
-    def at(self, size=None, *, units=None, nbytes=None) -> Grouping:
-        """The grouping of every block for a target size (units or bytes)."""
-        return self.grouping(self.prefix_for(size, units=units, nbytes=nbytes))
+    def at(self, size=None, *, units=None, nbytes=None, fit: str | None = None) -> Grouping:
+        """The grouping of every block for a target size (units or bytes), never above it;
+        ``fit`` (default: the plan's) ``"prefix"`` or ``"fill"`` (module docstring)."""
+        if self.planner == "auto" and fit is None:
+            return self._auto_at(self.target_bytes(size, units=units, nbytes=nbytes))
+        fit = fit or self.fit
+        if fit not in FITS:
+            raise FlexMergeError(f"unknown fit '{fit}'; use prefix or fill")
+        if fit == "prefix":
+            return self.grouping(self.prefix_for(size, units=units, nbytes=nbytes))
+        return self.grouping_of(self.fill_steps(self.target_bytes(size, units=units, nbytes=nbytes)))
+
+    def candidates(self) -> dict[str, "Plan"]:
+        """An ``auto`` plan's candidate trajectories as plans of their own (first: the main one)."""
+        from dataclasses import replace
+
+        from .planners import AUTO_CANDIDATES
+
+        main = AUTO_CANDIDATES[0][0]
+        out = {main: replace(self, planner=main, alternatives={})}
+        for name, alt in self.alternatives.items():
+            out[name] = replace(self, planner=name, fit=alt["fit"], steps=list(alt["steps"]), alternatives={})
+        return out
+
+    def _auto_at(self, target: int) -> Grouping:
+        """The candidate grouping of lowest predicted loss (:func:`flexmerge.planners.predicted_loss`)
+        at ``target`` bytes; ties go to the earlier candidate."""
+        from .planners import predicted_loss
+
+        best = None
+        for name, cand in self.candidates().items():
+            g = cand.at(nbytes=target)
+            loss = predicted_loss(self.grams, g.groups)
+            if best is None or loss < best[0]:
+                best = (loss, g, name)
+        best[1].planner = best[2]
+        return best[1]
+
+    def fill_steps(self, target: int) -> list[int]:
+        """Indices of the steps the ``fill`` rule takes for ``target`` bytes (module docstring)."""
+        from .planners import predicted_loss
+
+        sizes = self.sizes()
+        if sizes[0] <= target:
+            return []
+        frozen: set[str] = set()
+        taken: list[int] = []
+        size = sizes[0]
+        endings: list[tuple[int, list[int]]] = []
+        for k, step in enumerate(self.steps):
+            if step.block in frozen:
+                continue
+            new = size + sizes[k + 1] - sizes[k]  # the block's own steps so far are all taken
+            if new > target:
+                taken.append(k)
+                size = new
+                continue
+            endings.append((new, taken + [k]))
+            if new == target:
+                break
+            frozen.add(step.block)
+        assert endings  # the full trajectory reaches min_bytes <= target
+        if len(endings) == 1 or not self.grams:
+            return max(endings, key=lambda e: e[0])[1]  # the first of the largest
+        best = None
+        for new, idx in endings:  # lowest predicted loss; ties: larger, then earlier
+            loss = predicted_loss(self.grams, self._groups([self.steps[k] for k in idx]))
+            if best is None or (loss, -new) < best[0]:
+                best = ((loss, -new), idx)
+        return best[1]
+
+    def grouping_of(self, indices: Iterable[int]) -> Grouping:
+        """The grouping after the steps ``indices`` (each block's must be a prefix of its steps)."""
+        indices = sorted(indices)
+        if indices == list(range(len(indices))):
+            return self.grouping(len(indices))
+        sizes = self.sizes()
+        size = sizes[0] + sum(sizes[k + 1] - sizes[k] for k in indices)
+        g = self._groups([self.steps[k] for k in indices])
+        return Grouping(g, len(indices), size, self.units(size))
 
     def grouping(self, steps: int) -> Grouping:
         """The grouping after the first ``steps`` merges."""
+        groups = self._groups(self.steps[:steps])
+        size = self.start_bytes if steps == 0 else self.steps[steps - 1].size_bytes
+        return Grouping(groups, steps, size, self.units(size))
+
+    def _groups(self, steps: Iterable[MergeStep]) -> dict[str, list[tuple[int, ...]]]:
         index = {t: i for i, t in enumerate(self.tasks)}
         uf = {b: list(range(len(self.tasks))) for b in self.blocks}
 
@@ -144,7 +246,7 @@ class Plan:
                 x = parent[x]
             return x
 
-        for step in self.steps[:steps]:
+        for step in steps:
             parent = uf[step.block]
             a, b = (find(parent, index[g[0]]) for g in step.groups)
             parent[max(a, b)] = min(a, b)
@@ -154,13 +256,13 @@ class Plan:
             for t in range(len(self.tasks)):
                 members.setdefault(find(parent, t), []).append(t)
             groups[blk] = sorted(tuple(m) for m in members.values())
-        size = self.start_bytes if steps == 0 else self.steps[steps - 1].size_bytes
-        return Grouping(groups, steps, size, self.units(size))
+        return groups
 
     # ---- persistence --------------------------------------------------------------------
     def to_dict(self) -> dict:
         d = {"format": PLAN_FORMAT, "version": PLAN_VERSION, "tasks": self.tasks,
-             "method": self.method, "linkage": self.linkage, "order": self.order, "seed": self.seed,
+             "method": self.method, "planner": self.planner, "fit": self.fit,
+             "linkage": self.linkage, "order": self.order, "seed": self.seed,
              "unit_bytes": self.unit_bytes,
              "start": {"size_bytes": self.start_bytes, "size_units": self.units(self.start_bytes)},
              "min": {"size_bytes": self.min_bytes, "size_units": self.min_units},
@@ -169,43 +271,221 @@ class Plan:
                         for b, nb, mb in zip(self.blocks, self.block_bytes, self.block_mask_bytes)],
              "steps": [asdict(s) | {"groups": [list(g) for g in s.groups]} for s in self.steps],
              "grams": self.grams}
+        if self.alternatives:
+            d["alternatives"] = {k: {"fit": v["fit"], "steps": [asdict(x) | {"groups": [list(g) for g in x.groups]}
+                                                                for x in v["steps"]]}
+                                 for k, v in self.alternatives.items()}
         return d
 
-    def save(self, path: str | os.PathLike) -> None:
-        write_json_atomic(path, self.to_dict())
+    def save(self, path: str | os.PathLike, force: bool = False) -> None:
+        """Write the plan as JSON; an existing file is replaced only if it is a flexmerge plan."""
+        write_json_atomic(path, self.to_dict(), what="plan file", force=force, hint="choose a new file name",
+                          replaceable=lambda p: json_format_of(p) == PLAN_FORMAT)
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "plan") -> "Plan":
+        """A plan from its JSON form, checked against :class:`PlanFile` (every violation is one
+        line naming the field)."""
+        f = PlanFile.check(d, where)
+        def steps_of(entries):
+            return [MergeStep(s.block, (list(s.groups[0]), list(s.groups[1])), float(s.similarity),
+                              int(s.size_bytes), float(s.size_units)) for s in entries]
+
+        steps = steps_of(f.steps)
+        alternatives = {k: {"fit": v.fit, "steps": steps_of(v.steps)} for k, v in f.alternatives.items()}
+        return cls(tasks=list(f.tasks), blocks=[b.name for b in f.blocks],
+                   block_bytes=[b.bytes for b in f.blocks], block_mask_bytes=[b.mask_bytes for b in f.blocks],
+                   start_bytes=f.start.size_bytes, unit_bytes=f.unit_bytes, steps=steps,
+                   method=dict(f.method), linkage=f.linkage, order=f.order, seed=f.seed,
+                   grams={k: [list(r) for r in v] for k, v in f.grams.items()},
+                   task_specific_bytes=dict(f.task_specific_bytes), planner=f.planner, fit=f.fit,
+                   alternatives=alternatives)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Plan":
+        p = Path(path).expanduser()
+        hint = "make one with 'flexmerge plan'"
+        if p.is_dir():
+            raise FlexMergeError(f"plan {p} is a directory; give the plan.json file ({hint})")
+        try:
+            with open(p, "rb") as fh:  # bounded: /dev/zero or a huge file must not exhaust memory
+                raw = fh.read(PLAN_MAX_BYTES + 1)
+        except FileNotFoundError:
+            raise FlexMergeError(f"plan file not found: {path}; {hint}") from None
+        except OSError as exc:
+            raise FlexMergeError(f"cannot read plan {p}: {exc.strerror or exc}; check its permissions") from None
+        if len(raw) > PLAN_MAX_BYTES:
+            raise FlexMergeError(f"{p} is larger than {PLAN_MAX_BYTES >> 30} GiB, too large for a plan; {hint}")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise FlexMergeError(f"{p} is not a JSON text file (not UTF-8 at byte {exc.start}); {hint}") from None
+
+        def no_constant(name):
+            raise ValueError(f"{name} is not allowed")
+
+        try:
+            d = json.loads(text, parse_constant=no_constant)
+        except json.JSONDecodeError as exc:
+            raise FlexMergeError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); "
+                                 "re-run 'flexmerge plan'") from None
+        except ValueError as exc:  # NaN / Infinity
+            raise FlexMergeError(f"{p}: {exc} in a plan (numbers must be finite); re-run 'flexmerge plan'") from None
+        except RecursionError:
+            raise FlexMergeError(f"{p}: JSON nested too deeply to be a plan; {hint}") from None
+        return cls.from_dict(d, where=str(path))
+
+
+# ------------------------------------------------------------------------------------------
+# the plan file's schema
+
+
+class _Schema(BaseModel):
+    # unknown keys are ignored (a newer writer may add some); numbers must be finite
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, frozen=True)
+
+
+class PlanBlockEntry(_Schema):
+    name: StrictStr
+    bytes: StrictInt = PydField(ge=0)
+    mask_bytes: StrictInt = PydField(0, ge=0)
+
+
+class PlanSize(_Schema):
+    size_bytes: StrictInt = PydField(ge=0)
+    size_units: Optional[StrictFloat] = None
+
+
+class PlanStepEntry(_Schema):
+    block: StrictStr
+    groups: list[list[StrictStr]] = PydField(min_length=2, max_length=2)
+    similarity: StrictFloat
+    size_bytes: StrictInt = PydField(ge=0)
+    size_units: StrictFloat
+
+
+def _check_trajectory(label: str, steps: list, tasks: dict, blocks: set) -> None:
+    """Every step names a known block and merges two current groups of it (a partition)."""
+    n = len(tasks)
+    if len(steps) > len(blocks) * (n - 1):
+        raise ValueError(f"'{label}': {len(steps)} merges, more than blocks x (tasks - 1) = "
+                         f"{len(blocks) * (n - 1)}")
+    groups = {b: {frozenset([t]) for t in tasks} for b in blocks}
+    for k, st in enumerate(steps):
+        if st.block not in blocks:
+            raise ValueError(f"'{label}.{k}.block': unknown block {st.block!r}")
+        a, b = (frozenset(g) for g in st.groups)
+        for g, raw in zip((a, b), st.groups):
+            unknown = [t for t in raw if t not in tasks]
+            if unknown:
+                raise ValueError(f"'{label}.{k}.groups': unknown task {unknown[0]!r}")
+            if len(raw) != len(g) or g not in groups[st.block]:
+                raise ValueError(f"'{label}.{k}.groups': {raw} is not a current group of block "
+                                 f"{st.block!r} (merges must join two whole groups)")
+        if a == b:
+            raise ValueError(f"'{label}.{k}.groups': merges a group with itself")
+        groups[st.block] -= {a, b}
+        groups[st.block].add(a | b)
+
+
+class PlanAlternative(_Schema):
+    """An ``auto`` plan's other candidate trajectory."""
+
+    fit: Literal["prefix", "fill"]
+    steps: list[PlanStepEntry]
+
+
+class PlanFile(_Schema):
+    """``plan.json`` (format ``flexmerge-plan``, version :data:`PLAN_VERSION`), as
+    :meth:`Plan.to_dict` writes it. Beyond types: task and block names are unique, every step
+    names a known block and merges two *current* groups of it (the groups stay a partition of the
+    tasks), there are at most ``blocks x (tasks - 1)`` steps, and the Gram matrices, when present,
+    are ``tasks x tasks`` for every block."""
+
+    format: Literal["flexmerge-plan"]
+    version: StrictInt
+    tasks: list[StrictStr] = PydField(min_length=2)
+    method: dict[str, Any]
+    planner: StrictStr = "similarity"
+    fit: StrictStr = "prefix"
+    linkage: Literal["min", "max", "avg"]
+    order: Literal["greedy", "left-right", "right-left", "random"]
+    seed: StrictInt
+    unit_bytes: StrictInt = PydField(gt=0)
+    start: PlanSize
+    task_specific_bytes: dict[str, StrictInt] = PydField(default_factory=dict)
+    blocks: list[PlanBlockEntry] = PydField(min_length=1)
+    steps: list[PlanStepEntry]
+    grams: dict[str, list[list[StrictFloat]]] = PydField(default_factory=dict)
+    alternatives: dict[str, PlanAlternative] = PydField(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PlanFile":
+        from .config import SEED_LIMIT
+        from .planners import check_planner
+
+        try:
+            check_planner(self.planner)
+        except FlexMergeError as exc:
+            raise ValueError(f"'planner': {exc}") from None
+        if self.fit not in FITS:
+            raise ValueError(f"'fit': must be one of {', '.join(FITS)}, got {self.fit!r}")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise ValueError(f"'seed': must be from 0 to {SEED_LIMIT - 1}, got {self.seed}")
+        if not isinstance(self.method.get("name"), str):
+            raise ValueError("'method': needs a 'name' string")
+        for what, names in (("tasks", self.tasks), ("blocks", [b.name for b in self.blocks])):
+            twice = sorted({x for x in names if names.count(x) > 1})
+            if twice:
+                raise ValueError(f"'{what}': {', '.join(map(repr, twice))} listed twice")
+        tasks = {t: i for i, t in enumerate(self.tasks)}
+        for t, nb in self.task_specific_bytes.items():
+            if t not in tasks or nb < 0:
+                raise ValueError(f"'task_specific_bytes.{t}': not a task of the plan or negative")
+        n, blocks = len(self.tasks), {b.name for b in self.blocks}
+        for name, alt in self.alternatives.items():
+            try:
+                check_planner(name)
+            except FlexMergeError as exc:
+                raise ValueError(f"'alternatives.{name}': {exc}") from None
+        for label, steps in [("steps", self.steps)] + [(f"alternatives.{k}.steps", v.steps)
+                                                      for k, v in self.alternatives.items()]:
+            _check_trajectory(label, steps, tasks, blocks)
+        if self.grams:
+            if set(self.grams) != blocks:
+                raise ValueError("'grams': must have one matrix per block")
+            for name, g in self.grams.items():
+                if len(g) != n or any(len(row) != n for row in g):
+                    raise ValueError(f"'grams.{name}': must be a {n} x {n} matrix")
+        return self
+
+    @classmethod
+    def check(cls, d: Any, where: str) -> "PlanFile":
+        """Validate the decoded JSON of a plan; one line naming the field on any violation."""
+        fix = "re-run 'flexmerge plan'"
+        if not isinstance(d, dict):
+            raise FlexMergeError(f"{where} is not a flexmerge plan (the JSON top level is a "
+                                 f"{type(d).__name__}, not an object); make one with 'flexmerge plan'")
         if d.get("format") != PLAN_FORMAT:
             raise FlexMergeError(f"{where} is not a flexmerge plan (no 'format: {PLAN_FORMAT}'); "
                                  "make one with 'flexmerge plan'")
         if d.get("version") != PLAN_VERSION:
-            raise FlexMergeError(f"{where}: plan version {d.get('version')} is not supported "
-                                 f"(expected {PLAN_VERSION}); re-run 'flexmerge plan'")
+            raise FlexMergeError(f"{where}: plan version {d.get('version')!r} is not supported "
+                                 f"(expected {PLAN_VERSION}); {fix}")
         try:
-            steps = [MergeStep(s["block"], tuple(list(g) for g in s["groups"]), float(s["similarity"]),
-                               int(s["size_bytes"]), float(s["size_units"])) for s in d["steps"]]
-            return cls(tasks=list(d["tasks"]), blocks=[b["name"] for b in d["blocks"]],
-                       block_bytes=[int(b["bytes"]) for b in d["blocks"]],
-                       block_mask_bytes=[int(b.get("mask_bytes", 0)) for b in d["blocks"]],
-                       start_bytes=int(d["start"]["size_bytes"]), unit_bytes=int(d["unit_bytes"]),
-                       steps=steps, method=dict(d["method"]), linkage=d["linkage"], order=d["order"],
-                       seed=int(d["seed"]), grams=d.get("grams", {}),
-                       task_specific_bytes=d.get("task_specific_bytes", {}))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise FlexMergeError(f"{where} is damaged ({exc!r} missing or invalid); re-run 'flexmerge plan'") from None
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "Plan":
-        try:
-            with open(path) as fh:
-                d = json.load(fh)
-        except FileNotFoundError:
-            raise FlexMergeError(f"plan file not found: {path}; make one with 'flexmerge plan'") from None
-        except json.JSONDecodeError as exc:
-            raise FlexMergeError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); "
-                                 "re-run 'flexmerge plan'") from None
-        return cls.from_dict(d, where=str(path))
+            return cls.model_validate(d)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = ".".join(str(x) for x in err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "missing":
+                msg = "missing"
+            elif err["type"] != "value_error":
+                got = repr(err.get("input"))
+                msg = f"{msg} (got {got[:60]}{'...' if len(got) > 60 else ''})"
+            more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+            field_name = f"'{loc}': " if loc else ""
+            raise FlexMergeError(f"{where} is damaged: {field_name}{msg}{more}; {fix}") from None
 
 
 _SIZE_RX = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
@@ -214,14 +494,23 @@ _BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib
 
 def parse_size(size: float | int | str) -> tuple[float | None, int | None]:
     """``2.5`` / ``"2.5"`` / ``"2.5u"`` -> units; ``"40MB"``, ``"123b"`` -> bytes."""
-    if isinstance(size, bool):
-        raise FlexMergeError(f"invalid size {size!r}")
+    hint = "give model units (e.g. 2.5) or bytes (e.g. 40MB)"
+    if isinstance(size, bool) or not isinstance(size, (int, float, str)):
+        raise FlexMergeError(f"invalid size {size!r}; {hint}")
     if isinstance(size, (int, float)):
-        return float(size), None
-    m = _SIZE_RX.match(str(size))
-    if not m:
-        raise FlexMergeError(f"invalid size {size!r}; give model units (e.g. 2.5) or bytes (e.g. 40MB)")
-    value, unit = float(m.group(1)), m.group(2).lower()
+        try:
+            value = float(size)
+        except OverflowError:  # an int beyond float range
+            value = math.inf
+        unit = ""
+    else:
+        m = _SIZE_RX.match(size)
+        if not m:
+            raise FlexMergeError(f"invalid size {size[:40]!r}; {hint}")
+        value, unit = float(m.group(1)), m.group(2).lower()
+    if not math.isfinite(value):  # sizes <= 0 are left to the range checks, which give the range
+        raise FlexMergeError(f"invalid size {size[:40] if isinstance(size, str) else value!r}: it must be a finite "
+                             f"number; {hint}")
     if unit in ("", "u", "units", "x"):
         return value, None
     if unit in _BYTE_UNITS:
@@ -287,8 +576,35 @@ class _BlockState:
 
 def make_plan(grams: dict[str, np.ndarray], cost: CostModel, tasks: Sequence[str], *,
               method: dict, linkage: str = "min", order: str = "greedy", seed: int = 0,
-              task_specific_bytes: dict[str, int] | None = None) -> Plan:
-    """Build the whole trajectory from N units to the minimum from Gram matrices alone."""
+              task_specific_bytes: dict[str, int] | None = None, planner: str = "similarity",
+              fit: str | None = None) -> Plan:
+    """Build the whole trajectory from N units to the minimum from Gram matrices alone.
+
+    ``planner``: ``similarity`` (the paper's greedy, with ``order`` and ``linkage``) or a
+    size-aware criterion of :mod:`flexmerge.planners` (greedy only; ``linkage`` then only labels
+    the similarity recorded in each step). ``fit``: how :meth:`Plan.at` fits a target (default
+    ``prefix`` for ``similarity``, ``fill`` for the others)."""
+    from .planners import check_planner, linkage_similarity, size_aware_trajectory
+
+    check_planner(planner)
+    if planner == "auto":
+        from .planners import AUTO_CANDIDATES
+
+        kw = dict(method=method, linkage=linkage, order=order, seed=seed, task_specific_bytes=task_specific_bytes)
+        if order != "greedy":
+            raise FlexMergeError(f"order '{order}' is an ablation of the similarity planner; use "
+                                 "planner similarity with it, or order greedy with planner auto")
+        subs = [make_plan(grams, cost, tasks, planner=name, fit=f, **kw) for name, f in AUTO_CANDIDATES]
+        main = subs[0]
+        main.planner = "auto"
+        main.alternatives = {p.planner: {"fit": p.fit, "steps": p.steps} for p in subs[1:]}
+        return main
+    fit = fit or ("prefix" if planner == "similarity" else "fill")
+    if fit not in FITS:
+        raise FlexMergeError(f"unknown fit '{fit}'; use prefix or fill")
+    if planner != "similarity" and order != "greedy":
+        raise FlexMergeError(f"order '{order}' is an ablation of the similarity planner; use "
+                             f"planner similarity with it, or order greedy with planner {planner}")
     if linkage not in ("min", "max", "avg"):
         raise FlexMergeError(f"unknown linkage '{linkage}'; use min, max or avg")
     if order not in ("greedy", "left-right", "right-left", "random"):
@@ -318,6 +634,17 @@ def make_plan(grams: dict[str, np.ndarray], cost: CostModel, tasks: Sequence[str
     sequence = {"left-right": list(range(len(blocks))),
                 "right-left": list(range(len(blocks)))[::-1]}.get(order)
     total_steps = len(blocks) * (n - 1)
+    if planner != "similarity":
+        gram_list = [np.asarray(grams[b], dtype=np.float64) for b in blocks]
+        cos_list = [cosine_from_gram(g) for g in gram_list]
+        for bi, ia, ib, sizes_after in size_aware_trajectory(gram_list, cost, planner):
+            new_cost = cost.block_cost(bi, sizes_after)
+            size += new_cost - costs[bi]
+            costs[bi] = new_cost
+            s = linkage_similarity(cos_list[bi], ia, ib, linkage)
+            steps.append(MergeStep(blocks[bi], ([tasks[t] for t in ia], [tasks[t] for t in ib]), s,
+                                   int(size), size / cost.unit_bytes))
+        total_steps = 0
     for _ in range(total_steps):
         if order == "greedy":
             _, bi, a, b, s = candidates_greedy(range(len(blocks)))
@@ -342,4 +669,4 @@ def make_plan(grams: dict[str, np.ndarray], cost: CostModel, tasks: Sequence[str
                 unit_bytes=cost.unit_bytes, steps=steps, method=dict(method), linkage=linkage,
                 order=order, seed=int(seed),
                 grams={b: np.asarray(grams[b]).tolist() for b in blocks},
-                task_specific_bytes=dict(task_specific_bytes or {}))
+                task_specific_bytes=dict(task_specific_bytes or {}), planner=planner, fit=fit)

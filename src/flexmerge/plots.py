@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from .io import atomic_path
+from .outputs import atomic_path
 
 DPI = 100
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf",
@@ -30,7 +30,7 @@ STYLES = ["-", "--", "-.", ":"]
 
 
 def _result(result: Any):
-    from .evaluate import SweepResult
+    from .evaluate.table import SweepResult
 
     if isinstance(result, SweepResult):
         return result
@@ -49,10 +49,23 @@ def _figure(width: float, height: float, rows: int = 1, cols: int = 1):
     return fig, axes
 
 
+PNG_SOFTWARE = "flexmerge"
+
+
+def _is_our_png(path: Path) -> bool:
+    """A plot written by :func:`_save`: its PNG ``Software`` text chunk names flexmerge."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(1 << 16)
+    except OSError:
+        return False
+    return head.startswith(b"\x89PNG") and b"tEXtSoftware\x00" + PNG_SOFTWARE.encode() in head
+
+
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path, is_dir=False) as tmp:
-        fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
+    with atomic_path(path, is_dir=False, replaceable=_is_our_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight", metadata={"Software": PNG_SOFTWARE})
     return path
 
 

@@ -3,7 +3,7 @@
 Every stored tensor counts in its stored dtype (the checkpoint's dtype); masks count one bit per
 element (bit-packed, rounded up to whole bytes per tensor); scalars count 4 bytes (float32).
 Model units = stored bytes of the mergeable part / bytes of one model's mergeable part, so N means
-every task keeps its own block and 1.0 one shared model (issue "engine", Sizes). Task-specific
+every task keeps its own block and 1.0 one shared model. Task-specific
 (excluded) tensors are reported separately.
 
 Plain methods store one tensor set per group: a block with k groups costs ``k * B``.

@@ -47,6 +47,7 @@ class ModelSet:
     blockmap: BlockMap
     task_specific: dict[str, list[str]]  # task -> names kept per task (excluded + buffers)
     aliases: dict[str, str] = field(default_factory=dict)  # tied name -> canonical name
+    closed: bool = field(default=False, init=False, repr=False)  # set by close()
 
     @property
     def task_names(self) -> list[str]:
@@ -66,7 +67,7 @@ class ModelSet:
                ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
         """One pass: ``(name, base float32, taus float32 [N, *shape])`` for each mergeable tensor.
 
-        Holds one tensor of the base and of each task at a time (ARCHITECTURE.md, "Memory").
+        Holds one tensor of the base and of each task at a time (docs/architecture.md, "Invariants").
         With ``chunk_elems``, tensors larger than that come as several flat element ranges
         (``taus`` of shape ``[N, k]``), so memory is bounded by N x chunk. Non-finite values are
         an error naming the task and the tensor; a caller that checks them itself (the Gram pass
@@ -152,9 +153,18 @@ class ModelSet:
         return start
 
     def close(self) -> None:
+        """Close every checkpoint source (their open files); ``with open_models(cfg) as models:``
+        closes on leaving the block."""
+        self.closed = True
         self.base.close()
         for s in self.tasks.values():
             s.close()
+
+    def __enter__(self) -> "ModelSet":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _check_finite(t: torch.Tensor, who: str, name: str) -> None:

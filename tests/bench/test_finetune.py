@@ -164,6 +164,7 @@ def test_bucketed_batches_cover_each_index_once_and_are_seeded():
 # --------------------------------------------------------------------------- fine-tuning
 
 
+@pytest.mark.slow
 def test_suite_finetunes_writes_hf_checkpoints_and_learns(tiny_backbone, data_dir, tmp_path,
                                                           count_training):
     suite = _suite(tiny_backbone, data_dir, tmp_path / "cache")
@@ -216,6 +217,7 @@ def test_suite_finetunes_writes_hf_checkpoints_and_learns(tiny_backbone, data_di
                    "exclude": [r"classifier\..*", r"bert\.pooler\..*"]}
 
 
+@pytest.mark.slow
 def test_cache_reuses_resumes_and_retrains_on_recipe_change(tiny_backbone, data_dir, tmp_path,
                                                             count_training):
     cache = tmp_path / "cache"
@@ -245,6 +247,7 @@ def test_cache_reuses_resumes_and_retrains_on_recipe_change(tiny_backbone, data_
     assert count_training == ["sst2", "agnews"]
 
 
+@pytest.mark.slow
 def test_finetuning_is_deterministic(tiny_backbone, data_dir, tmp_path):
     r = _recipe(tiny_backbone, max_steps=4)
     d = ds.load_task("sst2", data_dir, max_train=64, cache_dir=tmp_path)

@@ -7,14 +7,9 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from flexmerge.errors import FlexMergeError
-from flexmerge.methods import GroupInput, make_method
+from flexmerge.methods import make_method
 from flexmerge.methods.breadcrumbs import Breadcrumbs, breadcrumbs_mask
-
-
-def group(**tvs):
-    g = next(iter(tvs.values())).shape[0]
-    return GroupInput(task_vectors=tvs, base={n: torch.zeros(t.shape[1:]) for n, t in tvs.items()},
-                      task_ids=list(range(g)))
+from helpers import group
 
 
 def test_hand_example_masks_top_beta_and_bottom_gamma_then_means():

@@ -5,13 +5,8 @@ import pytest
 import torch
 
 from flexmerge.errors import FlexMergeError
-from flexmerge.methods import GroupInput, available_methods, make_method
-
-
-def _group(**stacks):
-    tvs = {n: torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in xs]) for n, xs in stacks.items()}
-    return GroupInput(task_vectors=tvs, base={n: torch.zeros(t.shape[1:]) for n, t in tvs.items()},
-                      task_ids=list(range(next(iter(tvs.values())).shape[0])))
+from flexmerge.methods import make_method
+from helpers import group
 
 
 TA1 = {"name": "task_arithmetic", "lambda": 1.0}
@@ -19,7 +14,7 @@ TA1 = {"name": "task_arithmetic", "lambda": 1.0}
 
 def test_hand_example_with_task_arithmetic_inner():
     t1, t2 = [1.0, 0.0, -2.0, 4.0], [3.0, 1.0, 2.0, 0.0]
-    stored = make_method({"name": "consensus", "inner": TA1, "lambda_c": 0.5}).merge(_group(w=[t1, t2]))
+    stored = make_method({"name": "consensus", "inner": TA1, "lambda_c": 0.5}).merge(group(w=[t1, t2]))
     # tau_merged = mean = [2, .5, 0, 2]; 0.5 * |tau_merged - tau_t| = [.5, .25, 1, 1] for both tasks
     assert torch.equal(stored.merged["w"], torch.tensor([2.0, 0.5, 0.0, 2.0]))
     assert stored.masks["w"].tolist() == [[True, False, True, True], [True, True, True, False]]
@@ -32,7 +27,7 @@ def test_masks_match_formula_on_random_data_and_inner_scaling_is_kept():
     gen = torch.Generator().manual_seed(0)
     w, b = torch.randn(3, 5, 4, generator=gen), torch.randn(3, 4, generator=gen)
     inner = {"name": "task_arithmetic", "lambda": 1.5}
-    stored = make_method({"name": "consensus", "inner": inner}).merge(_group(w=list(w), b=list(b)))
+    stored = make_method({"name": "consensus", "inner": inner}).merge(group(w=list(w), b=list(b)))
     for name, taus in {"w": w, "b": b}.items():
         merged = 1.5 * taus.mean(0)
         torch.testing.assert_close(stored.merged[name], merged)
@@ -43,20 +38,20 @@ def test_masks_match_formula_on_random_data_and_inner_scaling_is_kept():
 def test_lambda_zero_keeps_every_element_and_reduces_to_inner():
     gen = torch.Generator().manual_seed(1)
     w = torch.randn(2, 6, generator=gen)
-    stored = make_method({"name": "consensus", "inner": TA1, "lambda_c": 0}).merge(_group(w=list(w)))
+    stored = make_method({"name": "consensus", "inner": TA1, "lambda_c": 0}).merge(group(w=list(w)))
     assert stored.masks["w"].all()
     torch.testing.assert_close(stored.rebuild_delta(0, "w"), w.mean(0))
 
 
 def test_identical_task_vectors_rebuild_exactly():
     tau = torch.tensor([0.5, -1.0, 0.0, 2.0])
-    stored = make_method({"name": "consensus", "inner": TA1}).merge(_group(w=[tau, tau, tau]))
+    stored = make_method({"name": "consensus", "inner": TA1}).merge(group(w=[tau, tau, tau]))
     for i in range(3):
         assert torch.equal(stored.rebuild_delta(i, "w"), tau)
 
 
 def test_zero_task_vectors_give_no_nan():
-    stored = make_method({"name": "consensus", "inner": TA1}).merge(_group(w=[torch.zeros(3)] * 2))
+    stored = make_method({"name": "consensus", "inner": TA1}).merge(group(w=[torch.zeros(3)] * 2))
     assert torch.equal(stored.merged["w"], torch.zeros(3))
     assert stored.masks["w"].all()  # 0 >= 0.3 * 0
     assert torch.isfinite(stored.rebuild_delta(0, "w")).all()
@@ -78,7 +73,6 @@ def test_describe_round_trips_with_inner_parameters():
     assert again.describe() == d and again.inner.params.lam == 2.0
 
 
-@pytest.mark.skipif("ties" not in available_methods(), reason="methods/ties.py not written yet")
 def test_ties_inner_forwards_global_trim_and_matches_ties():
     gen = torch.Generator().manual_seed(2)
     data = {"w": torch.randn(3, 4, 5, generator=gen), "b": torch.randn(3, 5, generator=gen)}
@@ -96,10 +90,8 @@ def test_ties_inner_forwards_global_trim_and_matches_ties():
     for n, t in data.items():
         assert torch.equal(seen[n], ties.transform(n, t))
     assert (seen["w"] == 0).any()  # the trim happened
-    group = GroupInput(task_vectors=seen, base={n: torch.zeros(t.shape[1:]) for n, t in seen.items()},
-                       task_ids=[0, 1, 2])
-    stored = c.merge(group)
-    inner = ties.merge(group)
+    stored = c.merge(group(**seen))
+    inner = ties.merge(group(**seen))
     for n, taus in seen.items():
         assert torch.equal(stored.merged[n], inner.merged[n])
         expected = taus.abs() >= 0.3 * (inner.merged[n] - taus).abs()
@@ -118,3 +110,11 @@ def test_ties_inner_forwards_global_trim_and_matches_ties():
 def test_bad_parameters_raise(spec):
     with pytest.raises(FlexMergeError):
         make_method({"name": "consensus", **spec})
+
+
+@pytest.mark.parametrize("inner", ["ties", "dare", "magmax", "task_arithmetic"])
+def test_declared_properties_follow_the_inner_method(inner):
+    c, i = make_method({"name": "consensus", "inner": inner}), make_method(inner)
+    assert (c.randomized, c.elementwise_transform, c.order_invariant) == \
+        (i.randomized, i.elementwise_transform, i.order_invariant)
+    assert (c.has_global_pass, c.transforms) == (i.has_global_pass, i.transforms)

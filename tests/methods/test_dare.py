@@ -4,15 +4,10 @@ import pytest
 import torch
 
 from flexmerge.errors import FlexMergeError
-from flexmerge.methods import GroupInput, make_method
+from flexmerge.methods import make_method
 from flexmerge.methods.dare import Dare
 from flexmerge.methods.ties import Ties, global_topk_thresholds
-
-
-def group(**tvs):
-    g = next(iter(tvs.values())).shape[0]
-    return GroupInput(task_vectors=tvs, base={n: torch.zeros(t.shape[1:]) for n, t in tvs.items()},
-                      task_ids=list(range(g)))
+from helpers import group
 
 
 def taus(n=3, seed=0):

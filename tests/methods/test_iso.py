@@ -5,18 +5,13 @@ import pytest
 import torch
 
 from flexmerge.errors import FlexMergeError
-from flexmerge.methods import GroupInput, make_method
+from flexmerge.methods import make_method
 from flexmerge.methods.iso import iso_cts_split
-
-
-def _group(**stacks):
-    tvs = {n: torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in xs]) for n, xs in stacks.items()}
-    return GroupInput(task_vectors=tvs, base={n: torch.zeros(t.shape[1:]) for n, t in tvs.items()},
-                      task_ids=list(range(next(iter(tvs.values())).shape[0])))
+from helpers import group
 
 
 def _merge(spec, **stacks):
-    return make_method(spec).merge(_group(**stacks)).merged
+    return make_method(spec).merge(group(**stacks)).merged
 
 
 def _iso_cts_reference(taus, frac):
@@ -105,7 +100,7 @@ def test_iso_cts_with_full_common_space_is_iso_c():
 def test_iso_cts_defaults_and_averaging_of_non_matrices():
     m = make_method("iso_cts")
     assert m.params.common_space_fraction == 0.8 and m.params.alpha == 1.0
-    out = m.merge(_group(b=[torch.tensor([1.0, 2.0]), torch.tensor([3.0, -2.0])])).merged
+    out = m.merge(group(b=[torch.tensor([1.0, 2.0]), torch.tensor([3.0, -2.0])])).merged
     torch.testing.assert_close(out["b"], torch.tensor([2.0, 0.0]))
 
 
@@ -127,7 +122,7 @@ def test_zero_task_vectors_give_zero_without_nan(name):
 def test_no_masks_no_global_pass(name):
     m = make_method(name)
     assert not m.needs_base and not m.has_global_pass and not m.transforms
-    assert m.merge(_group(w=[torch.eye(2)] * 2)).masks is None
+    assert m.merge(group(w=[torch.eye(2)] * 2)).masks is None
 
 
 @pytest.mark.parametrize("spec", [

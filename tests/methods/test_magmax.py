@@ -4,14 +4,9 @@ import pytest
 import torch
 
 from flexmerge.errors import FlexMergeError
-from flexmerge.methods import GroupInput, make_method
+from flexmerge.methods import make_method
 from flexmerge.methods.magmax import MagMax
-
-
-def group(**tvs):
-    g = next(iter(tvs.values())).shape[0]
-    return GroupInput(task_vectors=tvs, base={n: torch.zeros(t.shape[1:]) for n, t in tvs.items()},
-                      task_ids=list(range(g)))
+from helpers import group
 
 
 def test_hand_example():

@@ -4,16 +4,11 @@ import pytest
 import torch
 
 from flexmerge.errors import FlexMergeError
-from flexmerge.methods import GroupInput, make_method
+from flexmerge.methods import make_method
 from flexmerge.methods.ties import (
     Ties, disjoint_mean, elect_sign, global_topk_thresholds, resolve_zero_signs, ties_merge,
 )
-
-
-def group(**tvs):
-    g = next(iter(tvs.values())).shape[0]
-    return GroupInput(task_vectors=tvs, base={n: torch.zeros(t.shape[1:]) for n, t in tvs.items()},
-                      task_ids=list(range(g)))
+from helpers import group
 
 
 def stream_of(tensors):

@@ -21,7 +21,7 @@ member means (a mean and a sum have the same direction). Differences, and why:
 
 * Granularity: the original Channel Merging clusters each *output channel* (row) of a weight
   matrix separately and looks channels up at inference time; the FlexMerge paper's baseline (and
-  this one, as issue "bench" asks) clusters whole tensors, so that the result is an ordinary model
+  this one) clusters whole tensors, so that the result is an ordinary model
   per task, deployable through the same bundle.
 * Seeding: a generator per tensor keyed by (seed, tensor name) (the paper's code reseeds torch's
   global generator with the same seed for every tensor): deterministic, independent of order.

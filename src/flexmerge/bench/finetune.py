@@ -155,9 +155,8 @@ def _quiet_transformers():
 
 def load_tokenizer(path: Path):
     """The backbone's tokenizer, offline."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     transformers = _quiet_transformers()
-    return transformers.AutoTokenizer.from_pretrained(str(path))
+    return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

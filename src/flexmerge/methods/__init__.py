@@ -3,8 +3,7 @@
 from .base import GroupInput, MergeMethod, MethodParams, StoredGroup
 from .registry import available_methods, make_method, method_class, register
 
-# Importing a method module registers it.
-from . import average  # noqa: F401,E402
+# Importing a method module registers it; _all imports every one of them.
 from . import _all  # noqa: F401,E402
 
 __all__ = [

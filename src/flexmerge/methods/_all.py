@@ -1,12 +1,19 @@
-"""Imports every optional method module so that it registers itself."""
+"""Imports every method module so that it registers itself.
+
+Every module under ``methods/`` that registers a method must be listed here
+(``tests/test_layout.py`` checks it); a listed module that cannot be imported is an error, never
+a silently missing method."""
 
 import importlib
 
-for _module in (
-    "ties", "dare", "pcb", "tsv", "consensus", "emr", "breadcrumbs", "magmax", "iso",
-):
+METHOD_MODULES = (
+    "average", "ties", "dare", "pcb", "tsv", "consensus", "emr", "breadcrumbs", "magmax", "iso",
+)
+
+for _module in METHOD_MODULES:
     try:
         importlib.import_module(f"{__package__}.{_module}")
-    except ModuleNotFoundError as exc:  # a method module not written yet
-        if exc.name != f"{__package__}.{_module}":
-            raise
+    except Exception as exc:
+        raise ImportError(f"flexmerge method module '{__package__}.{_module}' cannot be imported "
+                          f"({type(exc).__name__}: {exc}); fix it or remove it from "
+                          "flexmerge/methods/_all.py") from exc

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from .base import GroupInput, MergeMethod, MethodParams, StoredGroup, group_mean
+from .base import MAX_SCALE, GroupInput, MergeMethod, MethodParams, StoredGroup, group_mean
 from .registry import register
 
 
@@ -32,7 +32,7 @@ class Average(MergeMethod):
 
 
 class TaskArithmeticParams(MethodParams):
-    lam: float = Field(1.5, alias="lambda", gt=0, description="scaling of the mean task vector")
+    lam: float = Field(1.5, alias="lambda", gt=0, le=MAX_SCALE, description="scaling of the mean task vector")
 
 
 @register

@@ -1,6 +1,6 @@
 """The merge-method interface: what every data-free method implements, and what the engine stores.
 
-A method sees task vectors, never files or plans (ARCHITECTURE.md, "methods/"). Three hooks:
+A method sees task vectors, never files or plans (docs/architecture.md, the module table). Three hooks:
 
 * :meth:`MergeMethod.global_pass` (optional) runs over *all* task vectors of *all* tasks before
   planning, e.g. TIES's global top-k trim (Yadav et al. 2023; FlexMerge Appendix B.1).
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Iterator
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 from ..errors import FlexMergeError
 
@@ -35,10 +35,32 @@ method's transform is elementwise (or absent), a large tensor may come as severa
 ranges ``[N, k]`` under the same name."""
 
 
-class MethodParams(BaseModel):
-    """Base of every method's hyper-parameters: unknown keys are an error."""
+MAX_SCALE = 1000.0
+"""Upper bound of every scaling hyper-parameter (lambda, alpha, TALL's lambda_c, DARE's 1/(1-p)).
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+The methods' papers tune these scales in a few units (task arithmetic: lambda <= 1 on the *sum*
+of task vectors, Ilharco et al. 2023; TIES: 0.8-1.8; TALL: lambda_c 0.2-0.6; DARE: p <= 0.99).
+Here task arithmetic scales the *mean* (lambda = sum-form lambda x N, :mod:`.average`), so 1000
+covers sum-form lambda = 1 for up to 1000 tasks. Larger scales push the task vectors far past the
+weights they modify and overflow half-precision checkpoints (float16 max 65504), and 1e39 is
+already infinite in float32."""
+
+
+class MethodParams(BaseModel):
+    """Base of every method's hyper-parameters: unknown keys, non-finite numbers (``allow_inf_nan``)
+    and booleans given for numbers are errors."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, v, info: ValidationInfo):
+        # pydantic's lax mode reads True as 1.0; "--set lambda=yes" is a mistake, not lambda=1.
+        if isinstance(v, bool):
+            annotation = cls.model_fields[info.field_name].annotation
+            if annotation is not bool:
+                raise ValueError(f"expected a number, got the boolean {v}")
+        return v
 
 
 @dataclass
@@ -106,6 +128,10 @@ class MergeMethod:
     """True when :meth:`transform` on a flat element range of a tensor equals that range of the
     transform of the whole tensor (e.g. a trim by per-task thresholds): the similarity pass may
     then stream large tensors in chunks, bounding memory by N x chunk instead of N x tensor."""
+    order_invariant: ClassVar[bool] = True
+    """True when :meth:`merge` of a group whose members come in another order stores the same merge
+    (masks and scalars following their members), up to floating-point summation order. A method
+    whose result depends on member order (e.g. ties broken by position) sets it False."""
 
     def __init__(self, seed: int = 0, **params):
         try:
@@ -158,10 +184,10 @@ def _describe_param_error(method: MergeMethod, exc: ValidationError) -> str:
         if err["type"] == "extra_forbidden":
             parts.append(f"unknown parameter '{loc}' (allowed: {allowed})")
         elif loc:
-            parts.append(f"parameter '{loc}': {msg}")
+            parts.append(f"parameter '{loc}' = {err.get('input')!r}: {msg}")
         else:
             parts.append(msg)
-    return f"method '{method.name}': " + "; ".join(parts)
+    return f"method '{method.name}': " + "; ".join(parts) + "; see 'flexmerge methods'"
 
 
 def group_mean(group: GroupInput) -> dict[str, torch.Tensor]:

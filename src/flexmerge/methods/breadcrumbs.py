@@ -30,7 +30,7 @@ from fractions import Fraction
 import torch
 from pydantic import Field, model_validator
 
-from .base import GroupInput, MergeMethod, MethodParams, StoredGroup
+from .base import MAX_SCALE, GroupInput, MergeMethod, MethodParams, StoredGroup
 from .registry import register
 
 
@@ -94,7 +94,7 @@ class BreadcrumbsParams(MethodParams):
                         description="top fraction of |tau| per task and tensor masked (outliers)")
     gamma: float = Field(0.85, ge=0, lt=1,
                          description="bottom fraction of |tau| per task and tensor masked")
-    lam: float = Field(1.0, alias="lambda", gt=0, description="scaling of the mean of the breadcrumbs")
+    lam: float = Field(1.0, alias="lambda", gt=0, le=MAX_SCALE, description="scaling of the mean of the breadcrumbs")
 
     @model_validator(mode="after")
     def _something_kept(self):

@@ -31,13 +31,14 @@ import torch
 from pydantic import Field
 
 from ..errors import FlexMergeError
-from .base import GroupInput, MergeMethod, MethodParams, StoredGroup, TaskVectorStream
+from .base import MAX_SCALE, GroupInput, MergeMethod, MethodParams, StoredGroup, TaskVectorStream
 from .registry import make_method, register
 
 
 class ConsensusParams(MethodParams):
     lambda_c: float = Field(
-        0.3, ge=0, description="TALL-mask threshold (paper range 0.2-0.6; 0 keeps every element)"
+        0.3, ge=0, le=MAX_SCALE,
+        description="TALL-mask threshold (paper range 0.2-0.6; 0 keeps every element)"
     )
     inner: Union[str, dict[str, Any]] = Field(
         "ties", description="the method giving tau_merged: a name or {name: ..., params}"
@@ -76,6 +77,7 @@ class Consensus(MergeMethod):
             )
         self.randomized = self.inner.randomized  # e.g. inner dare
         self.elementwise_transform = self.inner.elementwise_transform
+        self.order_invariant = self.inner.order_invariant
 
     # The inner method decides what similarity and merging see.
     @property

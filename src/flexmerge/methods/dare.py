@@ -32,7 +32,7 @@ import torch
 from pydantic import Field, model_validator
 
 from ..errors import FlexMergeError
-from .base import GroupInput, MergeMethod, MethodParams, StoredGroup, TaskVectorStream, seeded_generator
+from .base import MAX_SCALE, GroupInput, MergeMethod, MethodParams, StoredGroup, TaskVectorStream, seeded_generator
 from .registry import method_class, register
 from . import average as _average, ties as _ties  # noqa: F401  (register the inner methods)
 
@@ -43,7 +43,7 @@ class DareParams(MethodParams):
     p: float = Field(0.9, ge=0, lt=1, description="drop probability; survivors are rescaled by 1/(1-p)")
     inner: Literal["task_arithmetic", "ties"] = Field(
         "task_arithmetic", description="method merging the dropped vectors")
-    lam: Optional[float] = Field(None, alias="lambda", gt=0,
+    lam: Optional[float] = Field(None, alias="lambda", gt=0, le=MAX_SCALE,
                                  description="scaling of the inner method (default: its own default)")
     k: Optional[float] = Field(None, gt=0, le=1,
                                description="inner ties only: global top-k trim of the dropped "
@@ -58,6 +58,14 @@ class DareParams(MethodParams):
                 field = method_class(inner).Params.model_fields["lam"]
                 data = {**data, "lambda": field.default}
         return data
+
+    @model_validator(mode="after")
+    def _rescale_bounded(self):
+        # survivors are multiplied by 1/(1-p); bound it like every other scale (base.MAX_SCALE)
+        if self.p > 0 and 1.0 / (1.0 - self.p) > MAX_SCALE:
+            raise ValueError(f"p = {self.p} rescales survivors by 1/(1-p) = {1.0 / (1.0 - self.p):.4g}, "
+                             f"above {MAX_SCALE:g}; use p <= {1 - 1 / MAX_SCALE:g} (the DARE paper goes to 0.99)")
+        return self
 
     @model_validator(mode="after")
     def _k_only_for_ties(self):

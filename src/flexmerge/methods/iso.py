@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from .base import GroupInput, MergeMethod, MethodParams, StoredGroup
+from .base import MAX_SCALE, GroupInput, MergeMethod, MethodParams, StoredGroup
 from .registry import register
 from .tsv import partial_polar, rank_tolerance
 
@@ -84,11 +84,11 @@ def iso_cts_matrix(taus: torch.Tensor, common_space_fraction: float) -> torch.Te
 
 
 class IsoCParams(MethodParams):
-    alpha: float = Field(1.0, gt=0, description="scaling of the merged task vector")
+    alpha: float = Field(1.0, gt=0, le=MAX_SCALE, description="scaling of the merged task vector")
 
 
 class IsoCTSParams(MethodParams):
-    alpha: float = Field(1.0, gt=0, description="scaling of the merged task vector")
+    alpha: float = Field(1.0, gt=0, le=MAX_SCALE, description="scaling of the merged task vector")
     common_space_fraction: float = Field(
         0.8, gt=0, le=1, description="share of the rank given to the common subspace"
     )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from .base import GroupInput, MergeMethod, MethodParams, StoredGroup
+from .base import MAX_SCALE, GroupInput, MergeMethod, MethodParams, StoredGroup
 from .registry import register
 
 
@@ -26,7 +26,7 @@ def max_magnitude(taus: torch.Tensor) -> torch.Tensor:
 
 
 class MagMaxParams(MethodParams):
-    lam: float = Field(1.0, alias="lambda", gt=0, description="scaling of the selected task vector")
+    lam: float = Field(1.0, alias="lambda", gt=0, le=MAX_SCALE, description="scaling of the selected task vector")
 
 
 @register
@@ -35,6 +35,7 @@ class MagMax(MergeMethod):
 
     name = "magmax"
     Params = MagMaxParams
+    order_invariant = False  # ties in |tau| go to the later member
 
     def merge(self, group: GroupInput) -> StoredGroup:
         lam = self.params.lam

@@ -42,7 +42,7 @@ from fractions import Fraction
 import torch
 from pydantic import Field
 
-from .base import GroupInput, MergeMethod, MethodParams, StoredGroup
+from .base import MAX_SCALE, GroupInput, MergeMethod, MethodParams, StoredGroup
 from .registry import register
 
 OUTLIER_RATIO = Fraction(1, 10_000)
@@ -140,7 +140,7 @@ def pcb_merge(taus: torch.Tensor, r: float, chunk: int = 1 << 20) -> torch.Tenso
 
 class PcbParams(MethodParams):
     r: float = Field(0.1, gt=0, le=1, description="ratio of entries each task keeps, by PCB score")
-    lam: float = Field(1.0, alias="lambda", gt=0, description="scaling of the merged task vector")
+    lam: float = Field(1.0, alias="lambda", gt=0, le=MAX_SCALE, description="scaling of the merged task vector")
 
 
 @register

@@ -37,7 +37,7 @@ import torch
 from pydantic import Field
 
 from ..errors import FlexMergeError
-from .base import GroupInput, MergeMethod, MethodParams, StoredGroup, TaskVectorStream
+from .base import MAX_SCALE, GroupInput, MergeMethod, MethodParams, StoredGroup, TaskVectorStream
 from .registry import register
 
 _HI_BINS = 1 << 15  # |x| has sign bit 0: the high 16 bits of its float32 pattern are < 2**15
@@ -148,7 +148,7 @@ def trim_rows(taus: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
 class TiesParams(MethodParams):
     k: float = Field(0.2, gt=0, le=1,
                      description="fraction of each task vector kept by the global top-k trim")
-    lam: float = Field(1.0, alias="lambda", gt=0, description="scaling of the merged task vector")
+    lam: float = Field(1.0, alias="lambda", gt=0, le=MAX_SCALE, description="scaling of the merged task vector")
 
 
 @register

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from .base import GroupInput, MergeMethod, MethodParams, StoredGroup
+from .base import MAX_SCALE, GroupInput, MergeMethod, MethodParams, StoredGroup
 from .registry import register
 
 _EPS32 = float(torch.finfo(torch.float32).eps)
@@ -79,7 +79,7 @@ def tsv_matrix(taus: torch.Tensor, rank: int) -> torch.Tensor:
 
 
 class TSVParams(MethodParams):
-    alpha: float = Field(1.0, gt=0, description="scaling of the merged task vector (TSV-M: 1.0)")
+    alpha: float = Field(1.0, gt=0, le=MAX_SCALE, description="scaling of the merged task vector (TSV-M: 1.0)")
     rank_fraction: float | None = Field(
         None,
         gt=0,

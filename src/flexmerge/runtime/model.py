@@ -1,0 +1,143 @@
+"""The public :class:`MultiTaskModel`: loading a bundle, serving mixed batches, facts."""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn as nn
+
+from ..bundle import Bundle
+from ..errors import FlexMergeError
+from .batching import _concat_inputs, _split
+from .build import _factory_takes_task, _load, _ModuleSpec
+from .hf import _hf_builder
+from .modules import _Routed
+from .routing import _Router
+from .sources import _Stored
+from .storage import _Store
+
+
+class MultiTaskModel:
+    """All tasks of a bundle served from one copy of its stored tensors (see :mod:`flexmerge.runtime`)."""
+
+    def __init__(self, bundle: Bundle, model: nn.Module, router: _Router, store: _Store,
+                 order: list[int], specs: list[_ModuleSpec], routed: dict[str, _Routed],
+                 input_kind: str):
+        self.bundle = bundle
+        self.model = model
+        self.tasks: list[str] = list(bundle.tasks)
+        self.task_order: list[str] = [self.tasks[i] for i in order]
+        self._rank = {t: i for i, t in enumerate(self.task_order)}
+        self._router = router
+        self._store = store
+        self._routed = routed
+        self._input_kind = input_kind  # "hf" | "plain"
+        self._lock = threading.Lock()
+
+    # ---- loading ------------------------------------------------------------------------
+    @classmethod
+    def from_bundle(cls, path_or_bundle: str | os.PathLike | Bundle, model_factory: Callable | None = None,
+                    rebuild_policy: str = "on_the_fly", cache_budget_bytes: int | None = None,
+                    verify: bool = True) -> "MultiTaskModel":
+        """Load a bundle for serving.
+
+        ``model_factory``: builds the (untrained) torch module. Called as ``model_factory(task)``
+        if it accepts one positional argument (then once per task, on the ``meta`` device, to
+        check each task's parameter names and shapes; the first task's module serves), else as
+        ``model_factory()`` (once; task-specific parameters may then differ in shape from the
+        module's). It must return a new module: its submodules are replaced by routed ones. Without
+        it, an HF bundle builds the class named in ``architectures`` of each task's
+        ``config.json`` with ``from_config`` (no download). ``rebuild_policy`` and
+        ``cache_budget_bytes``: for mask methods (see :mod:`flexmerge.runtime`). ``verify``: check every
+        bundle file against its sha256 first.
+        """
+        if rebuild_policy not in ("on_the_fly", "cache"):
+            raise FlexMergeError(f"rebuild_policy {rebuild_policy!r} is unknown; use 'on_the_fly' or 'cache'")
+        if cache_budget_bytes is not None and cache_budget_bytes < 0:
+            raise FlexMergeError("cache_budget_bytes must be >= 0 (or None for no limit)")
+        if isinstance(path_or_bundle, Bundle):
+            bundle = path_or_bundle
+            if verify:
+                bundle.verify()
+        else:
+            bundle = Bundle.load(path_or_bundle, verify=verify)
+        if model_factory is None:
+            build, per_task, kind = _hf_builder(bundle), True, "hf"
+        else:
+            if not callable(model_factory):
+                raise FlexMergeError("model_factory must be a callable returning a torch module")
+            per_task = _factory_takes_task(model_factory)
+            build = (lambda t: model_factory(t)) if per_task else (lambda t: model_factory())
+            kind = "plain"
+        return _load(cls, bundle, build, per_task, kind, rebuild_policy, cache_budget_bytes)
+
+    # ---- serving ------------------------------------------------------------------------
+    def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        return self.forward(batch)
+
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """``{task: inputs}`` -> ``{task: outputs}``; inputs: a dict of tensors (HF models: the
+        keyword arguments) or a tensor / tuple of tensors (positional arguments); first dim = rows."""
+        if not isinstance(batch, Mapping) or not batch:
+            raise FlexMergeError("give a non-empty dict {task: inputs}")
+        for t in batch:
+            if t not in self._rank:
+                raise FlexMergeError(f"unknown task '{t}'; this bundle has: {', '.join(self.tasks)}")
+        tasks = sorted(batch, key=self._rank.__getitem__)
+        args, kwargs, rows = _concat_inputs(tasks, batch)
+        if self._input_kind == "hf" and "labels" in kwargs:
+            raise FlexMergeError("inputs contain 'labels': losses are not routed per task; pass inputs "
+                                 "without labels and compute losses from the returned logits")
+        tidx = {t: i for i, t in enumerate(self.tasks)}
+        layout = tuple((tidx[t], n) for t, n in zip(tasks, rows))
+        r = self._router
+        with self._lock, torch.inference_mode():
+            r.stack = [layout]
+            r._runs.clear()
+            r.padded = []
+            try:
+                out = self.model(*args, **kwargs)
+                padded = r.padded
+            finally:
+                r.stack, r.padded = [], []
+        result, start = {}, 0
+        for t, n in zip(tasks, rows):
+            result[t] = _split(out, start, start + n, sum(rows), padded, tidx[t])
+            start += n
+        return {t: result[t] for t in batch}
+
+    # ---- facts --------------------------------------------------------------------------
+    def task_tensors(self, task: str) -> dict[str, torch.Tensor]:
+        """The tensors ``task`` runs with, by parameter name: stored tensors themselves (shared
+        with every task of the group, no copy); masked ones rebuilt (fresh tensors)."""
+        if task not in self._rank:
+            raise FlexMergeError(f"unknown task '{task}'; this bundle has: {', '.join(self.tasks)}")
+        ti = self.tasks.index(task)
+        out = {}
+        for m in self._routed.values():
+            g = m._mapping[ti]
+            for fname, src in zip(m._fnames, m._variants[g]):
+                out[fname] = src.tensor if isinstance(src, _Stored) else src.rebuild()
+        return out
+
+    def variants(self, name: str) -> int:
+        """How many distinct weight sets the module ``name`` holds."""
+        return len(self._routed[name]._variants)
+
+    def stats(self) -> dict:
+        r = self._router
+        return {"tasks": len(self.tasks), "policy": r.policy,
+                "stored_bytes": self._store.file_bytes(), "loaded_bytes": self._store.loaded_bytes(),
+                "cache_bytes": r.cache_bytes, "cache_entries": len(r.cache),
+                "scratch_bytes": sum(t.numel() * t.element_size() for t in r.scratch.values()),
+                "rebuilds": r.rebuilds}
+
+    def clear_cache(self) -> None:
+        self._router.clear_cache()
+
+    def __repr__(self) -> str:
+        return (f"MultiTaskModel({len(self.tasks)} tasks, {self.bundle.size_units:.3g} units, "
+                f"policy={self._router.policy})")

@@ -1,0 +1,38 @@
+"""Helpers shared by the test files (pytest puts ``tests/`` on ``sys.path`` for ``conftest.py``)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from flexmerge.methods import GroupInput
+
+
+def group(**stacks) -> GroupInput:
+    """A :class:`GroupInput` over zero pretrained tensors: each keyword is a parameter name, its
+    value the stacked task vectors ``[g, *shape]`` (a tensor, used as is) or the ``g`` rows
+    (lists or tensors, stacked as float32). Task ids are ``0..g-1``."""
+    tvs = {n: x if isinstance(x, torch.Tensor)
+           else torch.stack([torch.as_tensor(r, dtype=torch.float32) for r in x])
+           for n, x in stacks.items()}
+    g = next(iter(tvs.values())).shape[0]
+    return GroupInput(task_vectors=tvs, base={n: torch.zeros(t.shape[1:]) for n, t in tvs.items()},
+                      task_ids=list(range(g)))
+
+
+DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "U8": 1}
+
+
+def stored_bytes(root: Path, manifest: dict) -> int:
+    """Bytes of the tensors in a bundle's block files on disk, from the safetensors headers."""
+    total = 0
+    for rel in manifest["files"]:
+        if "block-" in rel:
+            with safe_open(str(Path(root) / rel), "pt") as fh:
+                for k in fh.keys():
+                    sl = fh.get_slice(k)
+                    total += math.prod(sl.get_shape()) * DTYPE_BYTES[sl.get_dtype()]
+    return total
