@@ -485,3 +485,59 @@ def test_pickle_with_objects_is_refused_in_one_short_line(tmp_path, capsys):
 def test_no_arguments_prints_the_help(capsys):
     assert main([]) == 0
     assert "Usage" in capsys.readouterr().out
+
+
+def test_existing_pipe_as_output_is_refused_without_blocking(hf_set, capsys, tmp_path):
+    out = tmp_path / "out"
+    assert run_cli(capsys, "merge", hf_set, "--size", "2", "-o", out, "--no-progress")[0] == 0
+    for name, argv in (("x.safetensors", ("export", out, "-t", "a", "-o")),
+                       ("plan.json", ("plan", hf_set, "--no-progress", "-o"))):
+        fifo = tmp_path / name
+        os.mkfifo(fifo)
+        rc, err = run_cli(capsys, *argv, fifo)
+        assert_one_line_error(rc, err, "not a regular file")
+    web = tmp_path / "web"
+    web.mkdir()
+    os.mkfifo(web / "manifest.json")
+    assert_one_line_error(*run_cli(capsys, "merge", hf_set, "--size", "2", "-o", web, "--no-progress"))
+
+
+def _rewrite_block0(bundle_dir: Path, fn) -> None:
+    """Rewrite block 0's tensors with ``fn`` and update its sha256, as a careful attacker would."""
+    from safetensors.torch import load_file
+    from flexmerge.io import file_sha256
+    f = bundle_dir / "tensors" / "block-00000.safetensors"
+    save_file({k: fn(v) for k, v in load_file(str(f)).items()}, str(f))
+    edit_manifest(bundle_dir, lambda m: {**m, "files": {**m["files"], "tensors/block-00000.safetensors": file_sha256(f)}})
+
+
+@pytest.mark.parametrize("fn,needle", [(lambda v: v.reshape(-1)[:1].clone(), "has shape"),
+                                       (lambda v: torch.full_like(v, float("nan")), "NaN or Inf")])
+def test_stored_tensors_must_match_the_manifest(bundle_dir, capsys, tmp_path, fn, needle):
+    _rewrite_block0(bundle_dir, fn)
+    assert_one_line_error(*run_cli(capsys, "export", bundle_dir, "-t", "a", "-o", tmp_path / "e"), needle)
+    assert_one_line_error(*run_cli(capsys, "inspect", bundle_dir, "--verify"), needle)
+    assert not (tmp_path / "e").exists()
+    with pytest.raises(FlexMergeError, match=needle):
+        Bundle.load(bundle_dir).state_dict("b")
+
+
+def test_version_must_be_an_integer(bundle_dir, capsys):
+    edit_manifest(bundle_dir, lambda m: {**m, "version": "2"})
+    assert_one_line_error(*run_cli(capsys, "inspect", bundle_dir), "version")
+
+
+@pytest.mark.parametrize("name,rel", [("../../.bashrc", "assets/a/config.json"), ("config.json", "assets/b/config.json"),
+                                      ("evil.py", "assets/a/evil.py"), ("config.json", "tensors/block-00000.safetensors")])
+def test_asset_entries_cannot_write_or_read_elsewhere(bundle_dir, capsys, tmp_path, name, rel):
+    (bundle_dir / ".bashrc").write_text("echo PWNED")
+    edit_manifest(bundle_dir, lambda m: {**m, "assets": {**m["assets"], "a": {**m["assets"]["a"], name: rel}}})
+    target = tmp_path / "models" / "x"
+    assert_one_line_error(*run_cli(capsys, "export", bundle_dir, "-t", "a", "-o", target), "assets")
+    assert not (tmp_path / ".bashrc").exists() and not (tmp_path / "models").exists()
+
+
+def test_unlisted_file_in_an_asset_folder_is_refused(bundle_dir):
+    (bundle_dir / "assets" / "a" / "tokenizer.json").write_text("{}")
+    with pytest.raises(FlexMergeError, match="does not list"):
+        Bundle.load(bundle_dir).asset_dir("a")

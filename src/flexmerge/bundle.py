@@ -113,6 +113,7 @@ class Bundle:
         self.tasks: list[str] = list(manifest["tasks"])
         self.blocks = [BlockEntry(b["name"], b["params"], b.get("file"), b["store_base"], b["groups"])
                        for b in manifest["blocks"]]
+        self._expected: dict | None = None  # (file, key) -> (shape, is_weight), built on first read
         self._where: dict[str, dict[str, tuple[int, int]]] = {}
         for bi, b in enumerate(self.blocks):
             for gi, g in enumerate(b.groups):
@@ -140,11 +141,19 @@ class Bundle:
         return bundle
 
     def verify(self) -> None:
-        """Check every file against the sha256 in the manifest (all of them, now)."""
+        """Check every file against the sha256 in the manifest, and every stored tensor against
+        the manifest (shape, finite weights): all of them, now."""
         if self.root is None:
             return
         for rel in self.manifest.get("files", {}):
             self.check_file(rel, force=True)
+        tensor_files = {b.file for b in self.blocks if b.file} | \
+            {s["file"] for s in self.manifest["task_specific"].values() if s["names"]}
+        for rel in sorted(tensor_files):
+            for key in self._handle(rel).keys():
+                self.tensor(rel, key)
+            self._handles.pop(rel, None)  # unmap: a reader that keeps the bundle maps it again
+            self.__dict__.get("_keycache", {}).pop(rel, None)
 
     def check_file(self, rel: str, force: bool = False) -> Path:
         """The path of bundle file ``rel``, verified against its sha256 once (if verifying)."""
@@ -181,10 +190,31 @@ class Bundle:
             return self._mem[file][key]
         h = self._handle(file)
         try:
-            return h.get_tensor(key)
+            t = h.get_tensor(key)
         except Exception:
             raise FlexMergeError(f"bundle file {self.root / file} has no tensor '{key}' (or it cannot be "
                                  "read); the bundle is damaged: re-run 'flexmerge merge'") from None
+        return self.checked(file, key, t)
+
+    def checked(self, file: str, key: str, t: torch.Tensor) -> torch.Tensor:
+        """``t`` if it is what the manifest says ``file`` stores under ``key``: the recorded shape,
+        and finite values for weights. A checksum proves that the files match the manifest; this
+        proves that what is handed out matches the model the manifest describes."""
+        if self._expected is None:
+            self._expected = fmt.stored_shapes(self.manifest)
+        where = self.root / file if self.root is not None else file
+        expected = self._expected.get((file, key))
+        if expected is None:
+            raise FlexMergeError(f"bundle file {where}: tensor '{key}' is not described by the manifest; the "
+                                 "bundle is damaged: re-run 'flexmerge merge'")
+        shape, is_weight = expected
+        if tuple(t.shape) != shape:
+            raise FlexMergeError(f"bundle file {where}: tensor '{key}' has shape {list(t.shape)}, the manifest "
+                                 f"says {list(shape)}; the bundle is damaged: re-run 'flexmerge merge'")
+        if is_weight and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise FlexMergeError(f"bundle file {where}: tensor '{key}' holds NaN or Inf; the bundle is damaged: "
+                                 "re-run 'flexmerge merge'")
+        return t
 
     def asset_dir(self, task: str) -> Path | None:
         """The directory of ``task``'s stored non-tensor files (config, tokenizer), verified; None if
@@ -194,7 +224,12 @@ class Bundle:
         if self.root is None or not entries:
             return None
         paths = [self.check_file(rel) for rel in entries.values()]
-        return paths[0].parent
+        folder = paths[0].parent
+        unlisted = sorted(p.name for p in folder.iterdir() if p.name not in entries)
+        if unlisted:  # transformers reads every file it knows in the folder: only verified ones
+            raise FlexMergeError(f"bundle {self.root}: {folder.relative_to(self.root)} holds {unlisted[0]}, which "
+                                 "its manifest does not list; remove it or re-run 'flexmerge merge'")
+        return folder
 
     # ---- facts --------------------------------------------------------------------------
     @property
@@ -345,7 +380,8 @@ class Bundle:
                            for b in self.blocks]}
 
 
-def block_entry(sb: StoredBlock, rel: str | None, tasks: list[str], params: list[str] | None = None) -> dict:
-    return {"name": sb.name, "params": params or [], "file": rel, "store_base": sb.store_base,
-            "bytes": sb.nbytes,
+def block_entry(sb: StoredBlock, rel: str | None, tasks: list[str], params: list[str] | None = None,
+                shapes: dict[str, list[int]] | None = None) -> dict:
+    return {"name": sb.name, "params": params or [], "shapes": shapes or {}, "file": rel,
+            "store_base": sb.store_base, "bytes": sb.nbytes,
             "groups": [{"tasks": [tasks[t] for t in g.tasks], "kind": g.kind} for g in sb.groups]}

@@ -106,6 +106,41 @@ def base_key(param: str) -> str:
     return f"base/{param}"
 
 
+def stored_shapes(manifest: dict) -> dict[tuple[str, str], tuple[tuple[int, ...], bool]]:
+    """``(file, key) -> (shape, is_weight)`` of every tensor the manifest says a bundle stores:
+    what a reader checks each tensor against (weights must also be finite; task-specific
+    buffers may hold anything their model put there)."""
+    out: dict[tuple[str, str], tuple[tuple[int, ...], bool]] = {}
+    for b in manifest["blocks"]:
+        if b["file"] is None:
+            continue
+        shapes = {p: tuple(s) for p, s in b["shapes"].items()}
+        f = b["file"]
+        for gi, g in enumerate(b["groups"]):
+            for p, shape in shapes.items():
+                if g["kind"] == "original":
+                    for pos in range(len(g["tasks"])):
+                        out[(f, original_key(gi, pos, p))] = (shape, True)
+                elif g["kind"] == "merged":
+                    out[(f, merged_key(gi, p))] = (shape, True)
+                else:
+                    out[(f, delta_key(gi, p))] = (shape, True)
+                    numel = 1
+                    for d in shape:
+                        numel *= d
+                    for pos in range(len(g["tasks"])):
+                        out[(f, mask_key(gi, pos, p))] = (((numel + 7) // 8,), False)
+            if g["kind"] == "masked":
+                out[(f, scalars_key(gi))] = ((len(g["tasks"]),), True)
+        if b["store_base"]:
+            for p, shape in shapes.items():
+                out[(f, base_key(p))] = (shape, True)
+    for spec in manifest["task_specific"].values():
+        for n in spec["names"]:
+            out[(spec["file"], n)] = (tuple(spec["shapes"][n]), False)
+    return out
+
+
 # ---- safe relative paths ---------------------------------------------------------------------
 def check_relative(rel: str) -> str:
     """``rel`` if it is a plain relative POSIX path (no ``..``, ``.``, empty part, backslash, NUL)."""
@@ -134,7 +169,7 @@ def resolve_inside(root: Path, rel: str) -> Path:
 
 # ---- the manifest schema ---------------------------------------------------------------------
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 RelPath = str
@@ -145,18 +180,35 @@ class GroupEntry(_Strict):
     kind: Literal["original", "merged", "masked"]
 
 
+Shape = list[int]
+
+
 class BlockEntryModel(_Strict):
     name: str
     params: list[str]
+    shapes: dict[str, Shape]
     file: Optional[RelPath]
     store_base: bool
     bytes: int = Field(ge=0)
     groups: list[GroupEntry] = Field(min_length=1)
 
+    @model_validator(mode="after")
+    def _shapes(self) -> "BlockEntryModel":
+        if set(self.shapes) != set(self.params) or any(d < 0 for s in self.shapes.values() for d in s):
+            raise ValueError(f"block {self.name!r}: 'shapes' must give one shape per parameter")
+        return self
+
 
 class TaskSpecificEntry(_Strict):
     file: RelPath
     names: list[str]
+    shapes: dict[str, Shape]
+
+    @model_validator(mode="after")
+    def _shapes(self) -> "TaskSpecificEntry":
+        if set(self.shapes) != set(self.names) or any(d < 0 for s in self.shapes.values() for d in s):
+            raise ValueError("'shapes' must give one shape per task-specific tensor")
+        return self
 
 
 class SourceEntry(_Strict):
@@ -180,7 +232,7 @@ class SizeEntry(_Strict):
 
 
 class PlanEntry(BaseModel):
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)  # planners may record more
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)  # planners may record more
     linkage: Optional[str]
     order: Optional[str]
     seed: Optional[int]
@@ -255,6 +307,9 @@ class Manifest(_Strict):
                 raise ValueError(f"task_specific.{t}: file {spec.file!r} is not listed in 'files'")
         for t, entries in self.assets.items():
             for name, rel in entries.items():
+                if name not in ASSET_FILES or rel != asset_file(t, name):
+                    raise ValueError(f"assets.{t}: entry {name!r} -> {rel!r} is not one of the asset files "
+                                     f"stored as {asset_file(t, '<name>')}")
                 if rel not in self.files:
                     raise ValueError(f"assets.{t}.{name}: file {rel!r} is not listed in 'files'")
         return self
@@ -315,8 +370,11 @@ def manifest_json(manifest: dict) -> str:
 def is_bundle_dir(path: Path) -> bool:
     """True if ``path`` is a directory made by flexmerge: its manifest names this format (any
     version) and every entry in it is the manifest, a listed file or a directory leading to one."""
+    mpath = path / MANIFEST_NAME
     try:
-        data = json.loads((path / MANIFEST_NAME).read_bytes().decode("utf-8"))
+        if not mpath.is_file() or mpath.is_symlink() or mpath.stat().st_size > MAX_MANIFEST_BYTES:
+            return False
+        data = json.loads(mpath.read_bytes().decode("utf-8"))
     except (OSError, ValueError, RecursionError):
         return False
     if not isinstance(data, dict) or data.get("format") != BUNDLE_FORMAT or not isinstance(data.get("files"), dict):

@@ -184,18 +184,27 @@ class FlexMerge:
             "sources": srcs, "config": self.config.public_dict(), "assets": assets or {},
         }
 
+    def _block_entry(self, sb, rel: str) -> dict:
+        params = self.blockmap.blocks[sb.index].params
+        return block_entry(sb, rel, self.tasks, params,
+                           shapes={p: list(self.models.base.info(p).shape) for p in params})
+
+    def _task_specific_entry(self, task: str, rel: str, names: list[str]) -> dict:
+        src = self.models.tasks[task]
+        return {"file": rel, "names": names, "shapes": {n: list(src.info(n).shape) for n in names}}
+
     def _in_memory(self, stored, grouping, plan) -> Bundle:
         mem, entries = {}, []
         for sb in stored:
             rel = fmt.block_file(sb.index)
             _check_finite(sb, self.method)
             mem[rel] = sb.tensors
-            entries.append(block_entry(sb, rel, self.tasks, self.blockmap.blocks[sb.index].params))
+            entries.append(self._block_entry(sb, rel))
         task_specific = {}
         for t, names in self.models.task_specific.items():
             rel = fmt.task_file(t)
             mem[rel] = {n: self.models.tasks[t].get(n) for n in names}
-            task_specific[t] = {"file": rel, "names": names}
+            task_specific[t] = self._task_specific_entry(t, rel, names)
         return Bundle(self._manifest(entries, grouping, plan, task_specific, hashes=False), tensors=mem)
 
     def _write(self, stored, grouping, plan, out: Path, force: bool = False) -> Bundle:
@@ -207,13 +216,13 @@ class FlexMerge:
                     rel = fmt.block_file(sb.index)
                     _check_finite(sb, self.method)
                     writer.write(rel, sb.tensors)
-                    entries.append(block_entry(sb, rel, self.tasks, self.blockmap.blocks[sb.index].params))
+                    entries.append(self._block_entry(sb, rel))
                     bar(sb.index + 1, len(self.blockmap.blocks))
             task_specific = {}
             for t, names in self.models.task_specific.items():
                 rel = fmt.task_file(t)
                 writer.write(rel, {n: self.models.tasks[t].get(n).contiguous() for n in names})
-                task_specific[t] = {"file": rel, "names": names}
+                task_specific[t] = self._task_specific_entry(t, rel, names)
             assets = {}
             for t, src in self.models.tasks.items():
                 source_dir = src.path if src.kind == "hf_dir" else None

@@ -26,6 +26,8 @@ _EXPORT_WEIGHTS = "model.safetensors"
 
 def _is_export_file(path: Path) -> bool:
     """A safetensors file whose metadata says flexmerge exported it."""
+    if not path.is_file():
+        return False
     try:
         with safe_open(str(path), framework="pt") as fh:
             return (fh.metadata() or {}).get("producer") == EXPORT_METADATA["producer"]
@@ -68,12 +70,11 @@ def export_task(bundle, task: str, out: str | os.PathLike, force: bool = False) 
     into_dir = str(out).endswith(("/", os.sep))
     out = Path(out).expanduser()
     if kind == "hf_dir":
-        assets = bundle.asset_dir(task)
+        assets = {name: bundle.check_file(rel) for name, rel in (bundle.manifest.get("assets", {}).get(task) or {}).items()}
         with atomic_path(out, is_dir=True, what="export target", replaceable=_is_export_dir, force=force,
                          hint="choose a new directory") as tmp:
-            if assets is not None:
-                for name in bundle.manifest["assets"][task]:
-                    shutil.copyfile(assets / name, tmp / name)
+            for name, path in assets.items():  # names are plain file names (the manifest schema)
+                shutil.copyfile(path, tmp / name)
             save_file(_untie_for_safetensors(sd), str(tmp / _EXPORT_WEIGHTS), metadata=EXPORT_METADATA)
         return out
     if into_dir or out.is_dir():

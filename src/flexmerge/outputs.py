@@ -120,6 +120,9 @@ def check_target(target: str | os.PathLike, *, what: str, replaceable=None, forc
         return target
     if target.is_symlink():
         raise FlexMergeError(f"{what} {target} exists (a symbolic link); {hint}, or pass --force to replace it")
+    if not target.is_dir() and not target.is_file():
+        raise FlexMergeError(f"{what} {target} exists and is not a regular file (a pipe or device); {hint}, or "
+                             "pass --force to replace it")
     if target.is_dir():
         try:
             empty = not any(target.iterdir())
@@ -210,7 +213,7 @@ def write_json_atomic(path: str | os.PathLike, obj, **guard) -> None:
 def json_format_of(path: Path) -> str | None:
     """The ``format`` field of a JSON file (how flexmerge recognises its own JSON outputs)."""
     try:
-        if path.stat().st_size > (64 << 20):
+        if not path.is_file() or path.stat().st_size > (64 << 20):
             return None
         data = json.loads(path.read_bytes().decode("utf-8"))
     except (OSError, ValueError, RecursionError):

@@ -54,6 +54,8 @@ PNG_SOFTWARE = "flexmerge"
 
 def _is_our_png(path: Path) -> bool:
     """A plot written by :func:`_save`: its PNG ``Software`` text chunk names flexmerge."""
+    if not path.is_file():
+        return False
     try:
         with open(path, "rb") as fh:
             head = fh.read(1 << 16)

@@ -26,6 +26,8 @@ CSV_FIELDS = ["run", "method", "params", "order", "linkage", "seed", "requested_
 
 def _is_curve_csv(path: Path) -> bool:
     """A ``curve.csv`` written by :meth:`SweepResult.write` (its header starts with ours)."""
+    if not path.is_file():
+        return False
     try:
         with open(path, newline="") as fh:
             first = fh.readline(4096)

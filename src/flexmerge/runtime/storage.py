@@ -72,7 +72,7 @@ class _Store:
         t = self._tensors.get((rel, key))
         if t is None:
             t = self.bundle.tensor(rel, key) if self.bundle.root is None else \
-                self._read(rel, key, lambda f: f.get_tensor(key))
+                self.bundle.checked(rel, key, self._read(rel, key, lambda f: f.get_tensor(key)))
             self._tensors[(rel, key)] = t
         return t
 
