@@ -484,7 +484,7 @@ def test_pickle_with_objects_is_refused_in_one_short_line(tmp_path, capsys):
 
 def test_no_arguments_prints_the_help(capsys):
     assert main([]) == 0
-    assert "Usage" in capsys.readouterr().out
+    assert capsys.readouterr().out.count("Usage") == 1
 
 
 def test_existing_pipe_as_output_is_refused_without_blocking(hf_set, capsys, tmp_path):

@@ -181,6 +181,7 @@ def test_body_over_the_cap_is_413_before_reading(hf):
     (b"Content-Length: +5\r\n", 400),
     (b"Content-Length: 1e3\r\n", 400),
     (b"Content-Length: 5\r\nContent-Length: 6\r\n", 400),
+    (b"Content-Length: " + b"9" * 31 + b"\r\n", 413),              # a huge number is too large, not malformed
     (b"Transfer-Encoding: chunked\r\n", 411),
     (b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n", 411),
 ])

@@ -47,3 +47,9 @@ def test_groups_whose_masks_cost_more_than_their_originals_keep_them():
     # pretrained + (merged + 2 masks and scalars) + one original = 64 + 76 + 64 > 3 originals
     assert big.layout(0, [2, 1]).kinds == ("original", "original")
     assert big.layout(0, [3, 1]) == BlockLayout(True, ("masked", "original"), 64 + (64 + 3 * 6) + 64)
+
+
+def test_pairs_are_masked_when_that_is_cheaper():
+    cost = CostModel(one_block(64, 16), stores_masks=True, param_numels={"w": 16})
+    # pretrained 64 + two groups of (merged 64 + 2 masks of 2 bytes) = 200 < 4 originals (256)
+    assert cost.layout(0, [2, 2]) == BlockLayout(True, ("masked", "masked"), 200)

@@ -292,8 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     except FlexMergeError as exc:
         err.print(f"error: {exc}", markup=False)
         return 2
-    except NoArgsIsHelp as exc:
-        out.print(exc.ctx.get_help(), markup=False, highlight=False)
+    except NoArgsIsHelp:  # the framework has printed the help already
         return 0
     except UsageError as exc:
         hint = f" (see 'flexmerge {exc.ctx.info_name} --help')" if exc.ctx and exc.ctx.parent else " (see 'flexmerge --help')"

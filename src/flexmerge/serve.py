@@ -435,7 +435,7 @@ class _DeadlineIO(io.RawIOBase):
         return self.sock.recv_into(b)
 
 
-_CL = re.compile(r"[0-9]{1,30}")
+_CL = re.compile(r"[0-9]{1,4000}")  # any length of digits is a number; huge ones answer 413
 
 
 class _Server(ThreadingHTTPServer):
