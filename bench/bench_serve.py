@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import inspect
 import json
 import os
 import random
@@ -47,7 +46,6 @@ import threading
 import time
 from pathlib import Path
 
-import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import transformers  # noqa: E402
@@ -67,33 +65,17 @@ CLASSES = {  # name: (weight, expected status)
 
 
 def build_bundle(root: Path) -> Path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from helpers import save_hf_bert_tasks
+
     def config(labels):
         return transformers.BertConfig(vocab_size=len(VOCAB), hidden_size=64, num_hidden_layers=4,
                                        num_attention_heads=4, intermediate_size=128,
                                        max_position_embeddings=128, num_labels=labels)
 
-    torch.manual_seed(0)
-    base = transformers.BertForSequenceClassification(config(2))
-    base.save_pretrained(root / "base")
-    tasks = {}
-    for i, (t, n) in enumerate(LABELS.items()):
-        model = transformers.BertForSequenceClassification(config(n))
-        g = torch.Generator().manual_seed(100 + i)
-        head = model.state_dict()
-        model.load_state_dict({k: (head[k] if k.startswith("classifier.") else
-                                   v + 0.05 * torch.randn(v.shape, generator=g))
-                               for k, v in base.state_dict().items()})
-        model.save_pretrained(root / t)
-        (root / t / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-        vocab = str(root / t / "vocab.txt")
-        params = inspect.signature(transformers.BertTokenizerFast.__init__).parameters
-        tok = (transformers.BertTokenizerFast(vocab=vocab) if "vocab" in params
-               else transformers.BertTokenizerFast(vocab_file=vocab))
-        tok.save_pretrained(str(root / t))
-        tasks[t] = str(root / t)
+    cfg = save_hf_bert_tasks(root, LABELS, config, vocab=VOCAB)
     out = root / "bundle"
-    FlexMerge({"base": str(root / "base"), "tasks": tasks, "exclude": [r"classifier\..*"],
-               "method": "task_arithmetic"}).merge(2.0, out=out)
+    FlexMerge(dict(cfg, method="task_arithmetic")).merge(2.0, out=out)
     return out
 
 

@@ -309,7 +309,7 @@ def run_case(case: Case, h: H, idx: int) -> list:
     if case.runner is not None:
         try:
             return case.runner(case, d)
-        except Exception as exc:  # noqa: BLE001
+        except Exception:  # noqa: BLE001
             return [(case.name, False, "-", "", f"harness runner failed: {traceback.format_exc(limit=3)!r}")]
     before = snapshot(d)
     env = {"HOME": str(d / "home"), **case.env}
@@ -355,7 +355,6 @@ def build_fixtures(h: H) -> dict:
                                     "  b: t_b.safetensors\n  c: t_c.safetensors\n")
     # a tiny real BERT with a tokenizer (serve / export)
     try:
-        import inspect as _inspect
         import transformers
         transformers.logging.set_verbosity_error()
         vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(25)]
@@ -367,23 +366,9 @@ def build_fixtures(h: H) -> dict:
                                            num_attention_heads=2, intermediate_size=32,
                                            max_position_embeddings=16, num_labels=labels)
 
-        torch.manual_seed(0)
-        bm = transformers.BertForSequenceClassification(cfg(2))
-        bm.save_pretrained(bert / "base")
-        for i, (t, n) in enumerate((("sst2", 2), ("trec", 6))):
-            model = transformers.BertForSequenceClassification(cfg(n))
-            g = torch.Generator().manual_seed(100 + i)
-            head = model.state_dict()
-            sd = {k: (head[k] if k.startswith("classifier.") else v + 0.05 * torch.randn(v.shape, generator=g))
-                  for k, v in bm.state_dict().items()}
-            model.load_state_dict(sd)
-            model.save_pretrained(bert / t)
-            (bert / t / "vocab.txt").write_text("\n".join(vocab) + "\n")
-            params = _inspect.signature(transformers.BertTokenizerFast.__init__).parameters
-            vf = str(bert / t / "vocab.txt")
-            tok = (transformers.BertTokenizerFast(vocab=vf) if "vocab" in params
-                   else transformers.BertTokenizerFast(vocab_file=vf))
-            tok.save_pretrained(str(bert / t))
+        from helpers import save_hf_bert_tasks
+
+        save_hf_bert_tasks(bert, {"sst2": 2, "trec": 6}, cfg, vocab=vocab)
         (bert / "merge.yaml").write_text('base: base\ntasks:\n  sst2: sst2\n  trec: trec\nexclude: ["classifier\\\\..*"]\n')
         info["bert"] = True
     except Exception as exc:  # noqa: BLE001
@@ -550,7 +535,7 @@ def cases(h: H, info: dict) -> list[Case]:
     add("out: a user file named like a temporary is not swept", merge(), expect="either", mutable=("out",),
         setup=write(".out.flexmerge-notes.txt", "mine"), check=bundle_ok())
     add("out: a user dir named like a live-pid temporary is not swept", merge(), expect="either", mutable=("out",),
-        setup=write(f".out.flexmerge-1-new.tmp/mine.txt", "mine"), check=bundle_ok())
+        setup=write(".out.flexmerge-1-new.tmp/mine.txt", "mine"), check=bundle_ok())
     add("out: umask 077 gives private outputs, 022 public", f"umask 027; $FM merge {ST} --size 2 -o out --no-progress",
         expect="ok", mutable=("out",),
         check=lambda d, o, e: bundle_problem(d / "out") or _modes(d / "out", 0o640, 0o750))

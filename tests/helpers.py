@@ -36,3 +36,36 @@ def stored_bytes(root: Path, manifest: dict) -> int:
                     sl = fh.get_slice(k)
                     total += math.prod(sl.get_shape()) * DTYPE_BYTES[sl.get_dtype()]
     return total
+
+
+def save_hf_bert_tasks(root: Path, labels: dict[str, int], config, vocab: list[str] | None = None,
+                       scale: float = 0.05) -> dict:
+    """A pretrained ``BertForSequenceClassification`` (seed 0) and one fine-tuned copy per task
+    (base + ``scale``·N(0, 1) from generator seed 100 + i, the task's own head of ``labels[t]``
+    classes), each saved as an HF directory under ``root``; with ``vocab``, a WordPiece tokenizer
+    beside each task. ``config(num_labels)`` gives the ``BertConfig``. Returns the merge config."""
+    import inspect
+
+    import transformers
+
+    torch.manual_seed(0)
+    base = transformers.BertForSequenceClassification(config(2))
+    base.save_pretrained(root / "base")
+    tasks = {}
+    for i, (t, n) in enumerate(labels.items()):
+        model = transformers.BertForSequenceClassification(config(n))
+        g = torch.Generator().manual_seed(100 + i)
+        head = model.state_dict()
+        model.load_state_dict({k: (head[k] if k.startswith("classifier.") else
+                                   v + scale * torch.randn(v.shape, generator=g))
+                               for k, v in base.state_dict().items()})
+        model.save_pretrained(root / t)
+        if vocab is not None:
+            (root / t / "vocab.txt").write_text("\n".join(vocab) + "\n")
+            path = str(root / t / "vocab.txt")
+            params = inspect.signature(transformers.BertTokenizerFast.__init__).parameters
+            tok = (transformers.BertTokenizerFast(vocab=path) if "vocab" in params
+                   else transformers.BertTokenizerFast(vocab_file=path))
+            tok.save_pretrained(str(root / t))
+        tasks[t] = str(root / t)
+    return {"base": str(root / "base"), "tasks": tasks, "exclude": [r"classifier\..*"]}

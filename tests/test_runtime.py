@@ -12,6 +12,7 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from conftest import write_checkpoint
+from helpers import save_hf_bert_tasks
 from flexmerge import FlexMergeError, MultiTaskModel
 from flexmerge.engine import FlexMerge
 
@@ -131,21 +132,7 @@ HF_LABELS = {"sst2": 2, "trec": 6, "agnews": 4}
 
 @pytest.fixture(scope="module")
 def hf_cfg(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("hf")
-    torch.manual_seed(0)
-    base = transformers.BertForSequenceClassification(bert_config(2))
-    base.save_pretrained(tmp / "base")
-    tasks = {}
-    for i, (t, n) in enumerate(HF_LABELS.items()):
-        model = transformers.BertForSequenceClassification(bert_config(n))
-        g = torch.Generator().manual_seed(100 + i)
-        head = model.state_dict()
-        sd = {k: (head[k] if k.startswith("classifier.") else v + 0.05 * torch.randn(v.shape, generator=g))
-              for k, v in base.state_dict().items()}
-        model.load_state_dict(sd)
-        model.save_pretrained(tmp / t)
-        tasks[t] = str(tmp / t)
-    return {"base": str(tmp / "base"), "tasks": tasks, "exclude": [r"classifier\..*"]}
+    return save_hf_bert_tasks(tmp_path_factory.mktemp("hf"), HF_LABELS, bert_config)
 
 
 def hf_inputs(seed=0, rows=(3, 4, 2), seq=7):

@@ -4,7 +4,6 @@ faults; slow clients block nobody; the server keeps serving after each bad reque
 from __future__ import annotations
 
 import http.client
-import inspect
 import json
 import os
 import socket
@@ -13,6 +12,7 @@ import time
 
 import pytest
 import torch
+from helpers import save_hf_bert_tasks
 import torch.nn as nn
 
 from conftest import write_checkpoint
@@ -44,35 +44,12 @@ def bert_config(labels):
                                    max_position_embeddings=POSITIONS, num_labels=labels)
 
 
-def save_tokenizer(root):
-    (root / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-    params = inspect.signature(transformers.BertTokenizerFast.__init__).parameters
-    vocab = str(root / "vocab.txt")
-    tok = (transformers.BertTokenizerFast(vocab=vocab) if "vocab" in params
-           else transformers.BertTokenizerFast(vocab_file=vocab))
-    tok.save_pretrained(str(root))
-
-
 @pytest.fixture(scope="module")
 def hf_bundle(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve-hf")
-    torch.manual_seed(0)
-    base = transformers.BertForSequenceClassification(bert_config(2))
-    base.save_pretrained(tmp / "base")
-    tasks = {}
-    for i, (t, n) in enumerate(LABELS.items()):
-        model = transformers.BertForSequenceClassification(bert_config(n))
-        g = torch.Generator().manual_seed(100 + i)
-        head = model.state_dict()
-        sd = {k: (head[k] if k.startswith("classifier.") else v + 0.05 * torch.randn(v.shape, generator=g))
-              for k, v in base.state_dict().items()}
-        model.load_state_dict(sd)
-        model.save_pretrained(tmp / t)
-        save_tokenizer(tmp / t)
-        tasks[t] = str(tmp / t)
+    cfg = save_hf_bert_tasks(tmp, LABELS, bert_config, vocab=VOCAB)
     out = tmp / "bundle"
-    FlexMerge({"base": str(tmp / "base"), "tasks": tasks, "exclude": [r"classifier\..*"],
-               "method": "task_arithmetic"}).merge(1.0, out=out)
+    FlexMerge(dict(cfg, method="task_arithmetic")).merge(1.0, out=out)
     return out
 
 
