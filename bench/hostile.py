@@ -1,4 +1,4 @@
-"""Hostile-user cases against the installed ``flexmerge`` executable (issue 10).
+"""Hostile-user cases against the installed ``flexmerge`` executable.
 
     python bench/hostile.py [--keep] [-k SUBSTRING] [-j 2]
 

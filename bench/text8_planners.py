@@ -1,4 +1,4 @@
-"""text8: the planners against the paper's greedy and the ablation orders (issue 9).
+"""text8: the planners against the paper's greedy and the ablation orders.
 
 Reuses the cached text8 fine-tuning (``python -m flexmerge.bench.suite --max-test 300``) and
 sweeps, through :func:`flexmerge.evaluate.sweep`, each method with each planner at every size;

@@ -1,4 +1,4 @@
-"""Every bad input is one line ``error: ...`` and exit code 2, and nothing is written (issue 10).
+"""Every bad input is one line ``error: ...`` and exit code 2, and nothing is written.
 
 Each case drives the CLI through :func:`flexmerge.cli.main` and checks: return code 2, exactly one
 non-empty stderr line starting with ``error:``, a word naming the culprit, and an unchanged

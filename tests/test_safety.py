@@ -1,5 +1,5 @@
 """Never lose a user's data; interrupted runs clean up; bundles are tamper-evident, confined and
-self-contained (issue "Never lose a user's data").
+self-contained.
 
 Every CLI case asserts the contract: exit code 2 (or 130/143 for signals), exactly one stderr line
 ``error: ...``, and nothing of the user's changed.
