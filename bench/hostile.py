@@ -25,7 +25,6 @@ success too (root ignores file permissions).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import random
@@ -55,11 +54,9 @@ TMP_RX = re.compile(r"\..*\.flexmerge-.*")
 
 
 def sha(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from flexmerge.io import file_sha256
+
+    return file_sha256(p)
 
 
 def snapshot(root: Path) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -69,3 +70,13 @@ def save_hf_bert_tasks(root: Path, labels: dict[str, int], config, vocab: list[s
             tok.save_pretrained(str(root / t))
         tasks[t] = str(root / t)
     return {"base": str(root / "base"), "tasks": tasks, "exclude": [r"classifier\..*"]}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny ops: one torch thread avoids OpenMP start-up and spinning on a shared 2-core machine.
+    Import it into a test module (``from helpers import one_thread``) to apply it there."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

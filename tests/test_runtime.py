@@ -12,20 +12,13 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from conftest import write_checkpoint
-from helpers import save_hf_bert_tasks
+from helpers import one_thread, save_hf_bert_tasks  # noqa: F401  (one_thread: an autouse fixture)
 from flexmerge import FlexMergeError, MultiTaskModel
 from flexmerge.engine import FlexMerge
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: one thread avoids OpenMP start-up costs on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 MASK_METHODS = ["consensus", "emr"]  # a missing one fails (unknown method), never skips

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from helpers import save_hf_bert_tasks
+from helpers import one_thread, save_hf_bert_tasks  # noqa: F401  (one_thread: an autouse fixture)
 import torch.nn as nn
 
 from conftest import write_checkpoint
@@ -30,12 +30,6 @@ LIMITS = Limits(max_body_bytes=64 * 1024, max_rows=8, max_tokens=64, timeout=2.0
                 max_connections=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def bert_config(labels):

@@ -35,7 +35,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import FlexMergeError
+from .errors import FlexMergeError, first_validation_error
 
 BUNDLE_FORMAT = "flexmerge-bundle"
 BUNDLE_VERSION = 2
@@ -315,17 +315,6 @@ class Manifest(_Strict):
         return self
 
 
-def _schema_message(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    loc = ".".join(str(x) for x in err["loc"])
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "missing":
-        msg = "is missing"
-    elif err["type"] == "extra_forbidden":
-        msg = "is not a manifest field"
-    return f"field '{loc}' {msg}" if loc else msg
-
-
 def parse_manifest(data: Any, where: str) -> dict:
     """Validate a decoded manifest; return it as a plain dict. One-line error naming the field."""
     if not isinstance(data, dict):
@@ -337,7 +326,7 @@ def parse_manifest(data: Any, where: str) -> dict:
     try:
         return Manifest.model_validate(data).model_dump(mode="json")
     except ValidationError as exc:
-        raise FlexMergeError(f"{where}: {_schema_message(exc)}; the bundle is damaged or from another "
+        raise FlexMergeError(f"{where}: {first_validation_error(exc)}; the bundle is damaged or from another "
                              "version: re-run 'flexmerge merge'") from None
 
 

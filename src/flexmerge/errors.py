@@ -19,3 +19,20 @@ class Terminated(BaseException):
     def __init__(self, signum: int):
         super().__init__(signum)
         self.signum = signum
+
+
+def first_validation_error(exc) -> str:
+    """One line from a pydantic ``ValidationError`` of a file's schema (a bundle manifest, a plan):
+    the first failing field, what is wrong with it and the value given, and how many more failed."""
+    err = exc.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "missing":
+        msg = "missing"
+    elif err["type"] == "extra_forbidden":
+        msg = "is not a field of this format"
+    elif err["type"] != "value_error":
+        got = repr(err.get("input"))
+        msg = f"{msg} (got {got[:60]}{'...' if len(got) > 60 else ''})"
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return (f"'{loc}': " if loc else "") + msg + more

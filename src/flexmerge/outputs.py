@@ -134,8 +134,8 @@ def check_target(target: str | os.PathLike, *, what: str, replaceable=None, forc
                              f"write); {hint}, or pass --force to replace it")
     if replaceable is not None and replaceable(target):
         return target
-    raise FlexMergeError(f"{what} {target} exists and was not made by flexmerge; {hint}, or pass --force "
-                         "to replace it")
+    raise FlexMergeError(f"{what} {target} exists and was not made by flexmerge (or is not recognisable as "
+                         f"its output, e.g. a .pt export); {hint}, or pass --force to replace it")
 
 
 def _umask() -> int:

@@ -41,7 +41,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, StrictStr, ValidationError, model_validator
 from pydantic import Field as PydField
 
-from .errors import FlexMergeError
+from .errors import FlexMergeError, first_validation_error
 from .outputs import json_format_of, write_json_atomic
 from .similarity import cosine_from_gram
 from .sizes import CostModel
@@ -475,17 +475,7 @@ class PlanFile(_Schema):
         try:
             return cls.model_validate(d)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            loc = ".".join(str(x) for x in err["loc"])
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "missing":
-                msg = "missing"
-            elif err["type"] != "value_error":
-                got = repr(err.get("input"))
-                msg = f"{msg} (got {got[:60]}{'...' if len(got) > 60 else ''})"
-            more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-            field_name = f"'{loc}': " if loc else ""
-            raise FlexMergeError(f"{where} is damaged: {field_name}{msg}{more}; {fix}") from None
+            raise FlexMergeError(f"{where} is damaged: {first_validation_error(exc)}; {fix}") from None
 
 
 _SIZE_RX = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
