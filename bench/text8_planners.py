@@ -13,7 +13,13 @@ each size) and writes ``<out>/summary.json`` and ``<out>/summary.md``.
 
     nice -n 10 python bench/text8_planners.py --methods task_arithmetic --planners distortion,hybrid
     nice -n 10 python bench/text8_planners.py --methods ties --planners similarity --orders greedy,left-right,right-left,random
+    nice -n 10 python bench/text8_planners.py --methods task_arithmetic,ties --calibrate 400
     python bench/text8_planners.py --summarize
+
+``--calibrate BUDGET`` runs :func:`flexmerge.evaluate.sweep` with the suite's validation evaluator
+(200 unused training examples per task, or seen ones where a task has none left; see
+:meth:`~flexmerge.bench.suite.Text8Suite.validation_evaluator`), so that the planner and the
+method's scale are chosen per size on validation and the choice is scored on test.
 """
 
 from __future__ import annotations
@@ -74,6 +80,17 @@ def sweep_runs(a) -> int:
     ft = {t: r["finetuned"] for t, r in ref.items()}
     zs = {t: r["zero_shot"] for t, r in ref.items()}
     for method in [m.strip() for m in a.methods.split(",") if m.strip()]:
+        if a.calibrate:
+            t0 = time.perf_counter()
+            sweep(suite.merge_config(planner="distortion"), [method], a.sizes, suite.evaluator,
+                  finetuned=ft, zero_shot=zs, out=a.out / f"calibrated-{method}", plots=False,
+                  ylabel="accuracy", evaluator_name="text8 test accuracy", progress=False,
+                  validation_evaluator=suite.validation_evaluator(a.max_val), calibration_budget=a.calibrate,
+                  log=lambda m: print(f"[calibrated] {m}", flush=True))
+            held = {t: h for t, (_, h) in suite.validation_sets.items()}
+            print(f"[calibrated] {method}: {time.perf_counter() - t0:.0f} s; validation held out: {held}",
+                  flush=True)
+            continue
         for planner in [p.strip() for p in a.planners.split(",") if p.strip()]:
             orders = a.orders if planner == "similarity" and a.orders else None
             t0 = time.perf_counter()
@@ -89,7 +106,7 @@ def sweep_runs(a) -> int:
 def summarize(a) -> int:
     from flexmerge.engine import FlexMerge
     from flexmerge.evaluate import SweepResult
-    from flexmerge.planners import AUTO_CANDIDATES, predicted_loss
+    from flexmerge.planners import predicted_loss
 
     suite = make_suite(a, log=None)
     rows = []
@@ -97,6 +114,18 @@ def summarize(a) -> int:
     for path in sorted(a.out.glob("*/curve.json")):
         planner, _, method = path.parent.name.partition("-")
         res = SweepResult.load(path)
+        if method == "channel_merging":  # its groupings come from no plan: no predicted loss
+            for r in res.select(run="main", method=method):
+                rows.append({"method": method, "plan": "Channel Merging", "requested": r["requested_size"],
+                             "units": r["size_units"], "average": r["average"], "normalized": r["normalized"],
+                             "predicted_loss": None, "complete": res.complete})
+            continue
+        if planner == "calibrated":  # chosen per size on validation; its rows are those of 'calibrated' runs
+            for r in res.select(run="calibrated", method=method):
+                rows.append({"method": method, "plan": "calibrated", "requested": r["requested_size"],
+                             "units": r["size_units"], "average": r["average"], "normalized": r["normalized"],
+                             "predicted_loss": None, "complete": res.complete, "note": r["note"]})
+            continue
         if method not in fms:
             fms[method] = FlexMerge(suite.merge_config(), method=method)
             grams[method] = fms[method].plan().grams
@@ -121,7 +150,7 @@ def summarize(a) -> int:
             src = [r for r in rows if r["method"] == method and r["plan"] == g.planner and r["requested"] == s]
             if src:
                 rows.append(src[0] | {"plan": f"auto ({g.planner})"})
-    measured = [r for r in rows if not r["plan"].startswith("auto")]
+    measured = [r for r in rows if not r["plan"].startswith("auto") and r["predicted_loss"] is not None]
     corr = {"all": spearman([r["predicted_loss"] for r in measured], [r["normalized"] for r in measured])}
     for method in fms:
         sub = [r for r in measured if r["method"] == method]
@@ -136,7 +165,7 @@ def summarize(a) -> int:
     (a.out / "summary.json").write_text(json.dumps(summary, indent=1))
     lines = []
     sizes = sorted({r["requested"] for r in rows})
-    for method in fms:
+    for method in dict.fromkeys(r["method"] for r in rows):
         lines += [f"### {method}: average accuracy / actual size in units", "",
                   "| plan | " + " | ".join(f"{s:g}" for s in sizes) + " |", "|---|" + "---:|" * len(sizes)]
         for plan in dict.fromkeys(r["plan"].split(" (")[0] if r["plan"].startswith("auto") else r["plan"]
@@ -148,12 +177,47 @@ def summarize(a) -> int:
                 cells.append(f"{rr[0]['average']:.3f} / {rr[0]['units']:.3f}" if rr else "")
             lines.append(f"| {plan} | " + " | ".join(cells) + " |")
         lines.append("")
+    for method in dict.fromkeys(r["method"] for r in rows if r["plan"] == "calibrated"):
+        lines += [f"### {method}, calibrated: choice per size (validation: normalized validation accuracy)", "",
+                  "| requested | planner and scale (validation) | test average / units |", "|---:|---|---:|"]
+        for r in sorted((r for r in rows if r["method"] == method and r["plan"] == "calibrated"),
+                        key=lambda r: r["requested"]):
+            lines.append(f"| {r['requested']:g} | {r['note']} | {r['average']:.3f} / {r['units']:.3f} |")
+        lines.append("")
     lines.append("Spearman rank correlation of predicted loss with normalized accuracy (negative: lower "
                  f"predicted loss, higher accuracy), {len(measured)} measured runs: " +
                  "; ".join(f"{k} {v:.3f}" for k, v in corr.items()))
     (a.out / "summary.md").write_text("\n".join(lines) + "\n")
+    plot_planners(rows, a.out / "planners.png")
     print("\n".join(lines))
     return 0
+
+
+def plot_planners(rows: list[dict], path: Path) -> None:
+    """One panel per method (task arithmetic, TIES): average accuracy vs actual size for the
+    planners, the ablation orders, the calibrated runs and Channel Merging."""
+    from flexmerge.plots import COLORS, _figure, _save
+
+    methods = [m for m in ("task_arithmetic", "ties") if any(r["method"] == m for r in rows)]
+    if not methods:
+        return
+    fig, axes = _figure(6.0 * len(methods), 4.2, 1, len(methods))
+    cm = sorted((r["units"], r["average"]) for r in rows if r["method"] == "channel_merging")
+    for ax, method in zip(axes, methods):
+        plans = dict.fromkeys(r["plan"] for r in rows if r["method"] == method and not r["plan"].startswith("auto"))
+        for i, plan in enumerate(plans):
+            pts = sorted((r["units"], r["average"]) for r in rows if r["method"] == method and r["plan"] == plan)
+            style = "--" if plan.startswith(("left-right", "right-left", "random")) else "-"
+            ax.plot(*zip(*pts), style, marker="o", markersize=3, linewidth=1.3, color=COLORS[i % len(COLORS)],
+                    label="similarity (paper's greedy)" if plan == "similarity" else plan)
+        if cm:
+            ax.plot(*zip(*cm), ":", marker="s", markersize=3, color="black", label="Channel Merging")
+        ax.set_title(f"text8, {method}", fontsize=10)
+        ax.set_xlabel("size (model units)")
+        ax.set_ylabel("average test accuracy")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=6.5, loc="lower right")
+    _save(fig, path)
 
 
 def main(argv=None) -> int:
@@ -171,6 +235,10 @@ def main(argv=None) -> int:
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--summarize", action="store_true", help="only summarize the tables under --out")
+    ap.add_argument("--calibrate", type=int, default=None, metavar="BUDGET",
+                    help="instead of the planners: calibrate each method per size on validation examples "
+                         "within BUDGET evaluator calls (writes <out>/calibrated-<method>)")
+    ap.add_argument("--max-val", type=int, default=200, help="validation examples per task for --calibrate")
     ap.add_argument("--demo", action="store_true", help="the 4-task 'flexmerge demo' setting instead of text8")
     a = ap.parse_args(argv)
     try:

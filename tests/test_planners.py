@@ -281,7 +281,8 @@ def test_engine_bundles_have_the_planned_size_within_the_request(tmp_path, metho
         assert bundle.manifest["plan"]["planner"] == planner
     # the reused Grams give the paper's plan back
     (tmp_path / "s").mkdir()
-    assert fm.plan(planner="similarity").steps == FlexMerge(make_set(tmp_path / "s", n=4), method=method).plan().steps
+    assert fm.plan(planner="similarity").steps == FlexMerge(make_set(tmp_path / "s", n=4) | {"planner": "similarity"},
+                                                         method=method).plan().steps
 
 
 def test_config_and_cli_planner(tmp_path, capsys):

@@ -16,6 +16,26 @@ A layer is recognised generically as the prefix up to the first all-digit name c
 (``encoder.layer.3``, ``model.layers.3``, ``transformer.h.3``, ``encoder.block.3``,
 ``visual.transformer.resblocks.3``), so BERT, RoBERTa, ViT/CLIP, T5, GPT-2 and Llama-style names
 work without per-model code; an unrecognised name gets its own block instead of an error.
+
+**Normalisation statistics** (BatchNorm's ``running_mean``, ``running_var``, ``num_batches_tracked``;
+by name, or by module type with :func:`statistics_of` when a model is at hand) are not weights:
+they are never in :attr:`Block.params` (so no Gram matrix, global pass or merge method sees them)
+but in :attr:`Block.statistics` of the block they follow, the block of their module's ``weight``
+(or, without one, the weight block before them). They never take part in the plan; their storage
+rule is in :mod:`flexmerge.sizes`.
+
+**Conv and its BatchNorm are one block** (``component``): a BatchNorm module joins the block of the
+convolution right before it under the same parent module (in the checkpoint's key order when that
+is the registration order, else by name: ``features.3.1`` after ``features.3.0``, ``bn2`` after
+``conv2``). A BatchNorm is a per-channel affine map of its conv's output channels (inference
+folds it into the conv), so merging one without the other pairs a conv of one group with the
+scaling and statistics of another group's channels.
+
+**Order** (the left-right / right-left ablations follow it): with ``key_order`` (a torch state
+dict, whose keys are in module registration order) blocks come in the order of their first
+tensor in the checkpoint, so a CNN's stem precedes its layers. Otherwise (safetensors files store
+keys sorted by dtype and name, which says nothing about the model): embeddings, then layers in
+index order, then the other top-level modules, blocks within a layer by name.
 """
 
 from __future__ import annotations
@@ -117,17 +137,46 @@ def _order_key(block: str, first_param: str):
     return (rank, _natural_key(prefix or ""), _natural_key(block))
 
 
+STATISTIC_NAMES = ("running_mean", "running_var", "num_batches_tracked")
+"""Buffer names of normalisation statistics (``torch.nn`` BatchNorm/InstanceNorm with
+``track_running_stats``)."""
+
+
+def is_statistic(name: str) -> bool:
+    """A normalisation statistic by name (the last name component)."""
+    return name.rsplit(".", 1)[-1] in STATISTIC_NAMES
+
+
+def is_variance(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] == "running_var"
+
+
+def statistics_of(model) -> set[str]:
+    """Names of the normalisation statistics of a torch ``model``, by module type: the buffers of
+    every ``_NormBase`` module (BatchNorm, InstanceNorm, SyncBatchNorm and their subclasses)."""
+    from torch.nn.modules.batchnorm import _NormBase
+
+    out = set()
+    for mname, mod in model.named_modules():
+        if isinstance(mod, _NormBase):
+            out.update(_join(mname, b) for b, t in mod.named_buffers(recurse=False) if t is not None)
+    return out
+
+
 @dataclass
 class Block:
     name: str
     params: list[str]
     numel: int = 0
     nbytes: int = 0
+    statistics: list[str] = field(default_factory=list)
+    """Normalisation statistics that follow this block (module docstring); not in ``params``."""
+    stats_nbytes: int = 0
 
 
 @dataclass
 class BlockMap:
-    """Blocks in model order (embeddings, then layers in index order, then the rest)."""
+    """Blocks in model order (module docstring, "Order")."""
 
     blocks: list[Block]
     excluded: list[str] = field(default_factory=list)
@@ -139,6 +188,10 @@ class BlockMap:
     @property
     def mergeable_bytes(self) -> int:
         return sum(b.nbytes for b in self.blocks)
+
+    @property
+    def statistics_bytes(self) -> int:
+        return sum(b.stats_nbytes for b in self.blocks)
 
     @property
     def names(self) -> list[str]:
@@ -176,14 +229,92 @@ def assign_blocks(names: Iterable[str], spec: str | Sequence[BlockRule | dict] =
     return out
 
 
-def build_block_map(infos: dict, spec, excluded: Iterable[str] = ()) -> BlockMap:
-    """Group mergeable parameters (``infos``: name -> TensorInfo, in any order) into ordered blocks."""
-    mapping = assign_blocks(infos, spec)
+def _module(name: str) -> str:
+    return name.rpartition(".")[0]
+
+
+_NORM_NAME_RX = re.compile(r"(?i)(bn|batchnorm|batch_norm|norm)(\d*)$")
+
+
+def _conv_before(norm: str, names: list[str], infos: dict, key_order: bool) -> str | None:
+    """The convolution module right before BatchNorm module ``norm`` under the same parent."""
+    parent, _, last = norm.rpartition(".")
+    if key_order:
+        first = next(i for i, n in enumerate(names) if _module(n) == norm)
+        candidates = [_module(names[first - 1])] if first > 0 else []
+    else:
+        candidates = []
+        if last.isdigit() and int(last) > 0:
+            candidates.append(_join(parent, str(int(last) - 1)))
+        m = _NORM_NAME_RX.search(last)
+        if m:
+            candidates.append(_join(parent, last[:m.start()] + "conv" + m.group(2)))
+    for c in candidates:
+        w = infos.get(_join(c, "weight"))
+        if _module(c) == parent and c != norm and w is not None and len(w.shape) >= 3:
+            return c
+    return None
+
+
+def _pair_conv_norm(names: list[str], infos: dict, mapping: dict[str, str], stats: set[str],
+                    key_order: bool) -> None:
+    """``component``: move each BatchNorm module that is a block of its own into the block of the
+    convolution right before it (module docstring)."""
+    norms = list(dict.fromkeys(_module(s) for s in stats if s.rsplit(".", 1)[-1] != "num_batches_tracked"))
+    for norm in norms:
+        own = [n for n in names if _module(n) == norm]
+        blocks = {mapping[n] for n in own}
+        if len(blocks) != 1 or any(mapping[n] in blocks for n in names if _module(n) != norm):
+            continue  # the norm already shares a block with other modules
+        conv = _conv_before(norm, names, infos, key_order)
+        if conv is not None:
+            target = mapping[_join(conv, "weight")]
+            for n in own:
+                mapping[n] = target
+
+
+def build_block_map(infos: dict, spec, excluded: Iterable[str] = (), *, key_order: bool = False,
+                    statistics: Iterable[str] | None = None) -> BlockMap:
+    """Group mergeable tensors (``infos``: name -> TensorInfo, in the checkpoint's key order) into
+    ordered blocks; normalisation statistics (``statistics``, default: by name) are attached to
+    the block they follow. ``key_order``: the key order is the model's registration order (a torch
+    state dict), used for block order and conv-BatchNorm pairs (module docstring)."""
+    names = list(infos)
+    stats = set(statistics) & set(names) if statistics is not None else {n for n in names if is_statistic(n)}
+    mapping = assign_blocks(names, spec)
+    if spec == "component" and stats:
+        _pair_conv_norm(names, infos, mapping, stats, key_order)
     grouped: dict[str, Block] = {}
-    for name in sorted(infos, key=_natural_key):
+    first: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name not in stats:
+            first.setdefault(mapping[name], i)
+    for name in sorted((n for n in names if n not in stats), key=_natural_key):
         blk = grouped.setdefault(mapping[name], Block(mapping[name], []))
         blk.params.append(name)
         blk.numel += infos[name].numel
         blk.nbytes += infos[name].nbytes
-    ordered = sorted(grouped.values(), key=lambda b: _order_key(b.name, b.params[0]))
+    if key_order:
+        ordered = sorted(grouped.values(), key=lambda b: first[b.name])
+    else:
+        ordered = sorted(grouped.values(), key=lambda b: _order_key(b.name, b.params[0]))
+    if stats and not ordered:
+        raise FlexMergeError("the checkpoints hold only normalisation statistics and no weights to merge; "
+                             "check the 'exclude' patterns")
+    position = {n: i for i, n in enumerate(names)}
+    for name in sorted(stats, key=_natural_key):
+        weight = _join(_module(name), "weight")
+        owner = grouped.get(mapping[weight] if weight in infos and weight not in stats else mapping[name])
+        if owner is None:  # no weight of its own module: the weight block before it in model order
+            before = [b for b in ordered if first[b.name] < position[name]] if key_order else []
+            owner = before[-1] if before else _nearest_by_name(ordered, name)
+        owner.statistics.append(name)
+        owner.stats_nbytes += infos[name].nbytes
     return BlockMap(ordered, excluded=sorted(excluded, key=_natural_key))
+
+
+def _nearest_by_name(ordered: list[Block], name: str) -> Block:
+    """The last block whose first tensor sorts (naturally) before ``name``, else the first block."""
+    key = _natural_key(name)
+    before = [b for b in ordered if _natural_key(b.params[0]) <= key]
+    return before[-1] if before else ordered[0]

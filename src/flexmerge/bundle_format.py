@@ -23,7 +23,9 @@ TALL masks / EMR)::
 Every path in a manifest is relative, stays inside the bundle (no ``..``, no absolute path, no
 symlink out) and is listed in ``files`` with its sha256; readers verify a file against it before
 the first tensor is read from it. Version 2 added ``assets``; version 1 bundles are refused with a
-request to re-run ``flexmerge merge``.
+request to re-run ``flexmerge merge``. ``plan.recalibration`` (optional, null when absent; ``plan``
+admits extra fields, so readers without it still read such bundles) records statistics re-estimated
+on data: examples and batches per task.
 """
 
 from __future__ import annotations
@@ -231,12 +233,28 @@ class SizeEntry(_Strict):
     task_specific_total: int = Field(ge=0)
 
 
+class RecalibrationEntry(_Strict):
+    """BatchNorm statistics re-estimated on data (:mod:`flexmerge.recalibrate`): per task, how many
+    unlabeled examples and batches."""
+
+    examples: dict[str, int]
+    batches: dict[str, int]
+
+    @model_validator(mode="after")
+    def _counts(self) -> "RecalibrationEntry":
+        if set(self.examples) != set(self.batches) or any(v < 1 for v in [*self.examples.values(),
+                                                                          *self.batches.values()]):
+            raise ValueError("'recalibration' must give at least one example and batch for the same tasks")
+        return self
+
+
 class PlanEntry(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)  # planners may record more
     linkage: Optional[str]
     order: Optional[str]
     seed: Optional[int]
     steps: int = Field(ge=0)
+    recalibration: Optional[RecalibrationEntry] = None  # absent in bundles without it (and older ones)
 
 
 class Manifest(_Strict):
@@ -299,6 +317,8 @@ class Manifest(_Strict):
             extra = set(keys) - tasks
             if extra:
                 raise ValueError(f"'{label}' names unknown task {sorted(extra)[0]!r}")
+        if self.plan.recalibration is not None and set(self.plan.recalibration.examples) != tasks:
+            raise ValueError("'plan.recalibration' must count the examples of every task")
         missing = tasks - set(self.task_keys)
         if missing:
             raise ValueError(f"'task_keys' lacks task {sorted(missing)[0]!r}")

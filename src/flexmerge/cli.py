@@ -54,7 +54,7 @@ SetOpt = typer.Option(None, "--set", help="method parameter KEY=VALUE, repeatabl
 LinkageOpt = typer.Option(None, "--linkage", help="min | max | avg")
 OrderOpt = typer.Option(None, "--order", help="greedy | left-right | right-left | random")
 SeedOpt = typer.Option(None, "--seed", help="random seed")
-PlannerOpt = typer.Option(None, "--planner", help="similarity (the paper's greedy) | distortion | hybrid | auto")
+PlannerOpt = typer.Option(None, "--planner", help="distortion (default) | similarity (the paper's greedy) | hybrid | auto")
 ProgressOpt = typer.Option(True, "--progress/--no-progress", help="progress bars on a terminal")
 ForceOpt = typer.Option(False, "--force", help="replace an existing output even if flexmerge did not make it")
 
@@ -140,21 +140,46 @@ def merge(config: Optional[Path] = ConfigArg,
           method: Optional[str] = MethodOpt, set_: Optional[List[str]] = SetOpt,
           linkage: Optional[str] = LinkageOpt, order: Optional[str] = OrderOpt,
           seed: Optional[int] = SeedOpt, progress: bool = ProgressOpt, force: bool = ForceOpt,
-          planner: Optional[str] = PlannerOpt):
+          planner: Optional[str] = PlannerOpt,
+          recalibrate_bn: Optional[str] = typer.Option(
+              None, "--recalibrate-bn", help="module:function or file.py:function, batches(task) -> iterable of "
+                                             "unlabeled input batches: re-estimate BatchNorm statistics after "
+                                             "merging (needs --model-factory)"),
+          model_factory: Optional[str] = typer.Option(
+              None, "--model-factory", help="module:function or file.py:function, task -> torch module of the "
+                                            "task's architecture (for --recalibrate-bn)")):
     """Merge to a target size and write a bundle."""
     from .bundle_format import is_bundle_dir
     from .plan import Plan
 
     check_target(output, what="output", replaceable=is_bundle_dir, force=force,
                  hint="choose a new or empty directory")
+    recal = _recalibration(recalibrate_bn, model_factory)
     fm = _job(config, base, task, exclude, blocks, method, set_, linkage, order, seed, progress, planner)
     if plan_file is not None:
         fm.use_plan(Plan.load(plan_file))
     p = fm._plan or fm.plan()
     p.target_bytes(size)  # range check before any heavy work
-    bundle = fm.merge(size, output, force=force)
+    bundle = fm.merge(size, output, force=force, recalibrate=recal)
+    done = bundle.manifest["plan"].get("recalibration")
+    note = f"; BatchNorm statistics re-estimated on {min(done['examples'].values())}+ examples per task" if done else ""
     out.print(f"bundle: {bundle.size_units:.4g} units ({_fmt_bytes(bundle.size_bytes)}; requested {size}) for "
-              f"{len(bundle.tasks)} tasks, method {bundle.method['name']}; wrote {output}")
+              f"{len(bundle.tasks)} tasks, method {bundle.method['name']}{note}; wrote {output}")
+
+
+def _recalibration(batches: Optional[str], model_factory: Optional[str]):
+    """``--recalibrate-bn`` and ``--model-factory`` -> a :class:`~flexmerge.recalibrate.Recalibration`
+    (or None), the callables imported before any heavy work."""
+    if batches is None and model_factory is None:
+        return None
+    if batches is None or model_factory is None:
+        raise FlexMergeError("--recalibrate-bn and --model-factory go together: the batches of unlabeled inputs "
+                             "per task and the model they run through; give both")
+    from .evaluate.user_code import load_callable
+    from .recalibrate import Recalibration
+
+    return Recalibration(load_callable(batches, "--recalibrate-bn batches"),
+                         load_callable(model_factory, "model factory"))
 
 
 @app.command()
@@ -171,11 +196,12 @@ def inspect(bundle_dir: Path = typer.Argument(..., help="a bundle directory"),
     if as_json:
         print(json.dumps(s, indent=1))
         return
+    from .methods.base import method_text
+
     size = s["size"]
-    params = ", ".join(f"{k}={v}" for k, v in s["method"].items() if k != "name")
     out.print(f"{bundle_dir}: {size['units']:.4g} of {size['max_units']} units, {_fmt_bytes(size['bytes'])} "
-              f"(+ {_fmt_bytes(size['task_specific_total'])} task-specific), method {s['method'].get('name')}"
-              + (f" ({params})" if params else "") + (", checksums verified" if verify else ""), markup=False)
+              f"(+ {_fmt_bytes(size['task_specific_total'])} task-specific), method {method_text(s['method'])}"
+              + (", checksums verified" if verify else ""), markup=False)
     table = Table()
     for col in ("block", "groups", "stored"):
         table.add_column(col)
@@ -206,7 +232,9 @@ def methods():
     for name in available_methods():
         cls = method_class(name)
         params = ", ".join(f"{f.alias or k}={f.default}" for k, f in cls.Params.model_fields.items())
-        out.print(f"{name:18s} {params}")
+        out.print(f"{name:18s} {params}", markup=False)
+        if cls.note:
+            out.print(f"{'':18s} note: {cls.note}", markup=False, soft_wrap=True)
 
 
 @app.command()

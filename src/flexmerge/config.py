@@ -59,7 +59,10 @@ class MergeConfig(BaseModel):
     method: Union[str, dict[str, Any]] = "task_arithmetic"
     linkage: Linkage = "min"
     order: Order = "greedy"
-    planner: Planner = "similarity"
+    planner: Planner = Field("distortion", description="similarity (the paper's greedy) | distortion "
+                                                        "(default) | hybrid | auto; see flexmerge.planners")
+    statistics: Literal["pooled", "per_task"] = Field(
+        "pooled", description="normalisation statistics of a merged group: pooled from its members, or per task")
     seed: int = 0
 
     @field_validator("seed", mode="before")
@@ -93,6 +96,14 @@ class MergeConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
+    def _order_of_similarity(self) -> "MergeConfig":
+        # The orders other than greedy are ablations of the paper's similarity planner: asked for
+        # without a planner, they get that planner (a size-aware planner has no order to ablate).
+        if self.order != "greedy" and "planner" not in self.model_fields_set:
+            self.planner = "similarity"
+        return self
+
+    @model_validator(mode="after")
     def _paths(self) -> "MergeConfig":
         for label, ref in [("base", self.base), *self.tasks.items()]:
             if not isinstance(ref, (str, os.PathLike, Mapping)):
@@ -111,7 +122,7 @@ class MergeConfig(BaseModel):
         return {"base": ref(self.base), "tasks": {k: ref(v) for k, v in self.tasks.items()},
                 "exclude": list(self.exclude), "blocks": blocks, "method": self.method,
                 "linkage": self.linkage, "order": self.order, "seed": self.seed,
-                "planner": self.planner}
+                "planner": self.planner, "statistics": self.statistics}
 
 
 ALLOWED_KEYS = list(MergeConfig.model_fields)

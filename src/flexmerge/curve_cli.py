@@ -95,8 +95,21 @@ def curve(config: Path = typer.Argument(..., help="merge config (YAML): base, ta
           plots: bool = typer.Option(True, "--plots/--no-plots", help="write PNG plots"),
           progress: bool = typer.Option(True, "--progress/--no-progress", help="progress output on stderr"),
           planner: Optional[str] = typer.Option(None, "--planner",
-                                                help="similarity (the paper's greedy) | distortion | hybrid | auto "
-                                                     "(overrides the config's 'planner')")):
+                                                help="distortion (default) | similarity (the paper's greedy) | hybrid | auto "
+                                                     "(overrides the config's 'planner')"),
+          calibrate: Optional[str] = typer.Option(None, "--calibrate",
+                                                  help="validation evaluator (module:function or file.py:function, "
+                                                       "scoring held-out validation examples, never test ones): "
+                                                       "also choose the planner and the method's scale per size "
+                                                       "by validation score ('calibrated' rows)"),
+          budget: Optional[int] = typer.Option(None, "--budget", min=1,
+                                               help="evaluator calls per method for --calibrate (default: "
+                                                    "N x (1 + 6 x sizes))"),
+          recalibrate_bn: Optional[str] = typer.Option(None, "--recalibrate-bn",
+                                                       help="module:function or file.py:function, batches(task) -> "
+                                                            "iterable of unlabeled input batches: re-estimate "
+                                                            "BatchNorm statistics of every merged model (needs "
+                                                            "--model-factory)")):
     """Accuracy-size curves: evaluate merge methods at several sizes with your own evaluator."""
     from rich.console import Console
     from rich.markup import escape
@@ -107,6 +120,16 @@ def curve(config: Path = typer.Argument(..., help="merge config (YAML): base, ta
     err = Console(stderr=True, highlight=False)
     ev = load_callable(evaluator, "evaluator")
     factory = load_callable(model_factory, "model factory") if model_factory else None
+    if budget is not None and calibrate is None:
+        raise FlexMergeError("--budget is the number of evaluator calls of --calibrate; give --calibrate too")
+    validation = load_callable(calibrate, "validation evaluator") if calibrate else None
+    recal = None
+    if recalibrate_bn is not None:
+        from .recalibrate import Recalibration
+
+        if factory is None:
+            raise FlexMergeError("--recalibrate-bn needs --model-factory (the model the batches run through)")
+        recal = Recalibration(load_callable(recalibrate_bn, "--recalibrate-bn batches"), factory)
     specs = _method_specs(methods, set_)
     ablation = None
     if ablation_method:
@@ -127,7 +150,8 @@ def curve(config: Path = typer.Argument(..., help="merge config (YAML): base, ta
                    seeds=seed_list, ablation_methods=ablation,
                    zero_shot=zero_shot, out=output, plots=plots, ylabel=ylabel,
                    log=(lambda msg: err.print(msg, markup=False)) if progress else None, progress=progress,
-                   evaluator_name=evaluator)
+                   evaluator_name=evaluator, validation_evaluator=validation, calibration_budget=budget,
+                   recalibrate=recal)
     out.print(result.rich_table(title=escape(f"{ylabel} vs size ({len(result.tasks)} tasks, evaluator "
                                              f"{result.meta['evaluator']})"), width=out.width))
     for note in result.notes:

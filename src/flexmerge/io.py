@@ -133,7 +133,7 @@ class StateDictSource(CheckpointSource):
         h = hashlib.sha256()
         for name in sorted(self._sd):
             h.update(name.encode())
-            h.update(self._sd[name].detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+            h.update(self._sd[name].detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
                      if self._sd[name].numel() else b"")
         return h.hexdigest()
 

@@ -5,6 +5,11 @@ base block + N x block + output (docs/architecture.md, "Invariants"): one block 
 A group of one stores its task's original tensors, read directly from the checkpoint (so the
 largest size rebuilds every task bit for bit); mask methods follow :class:`~flexmerge.sizes.CostModel`
 for which groups keep their originals.
+
+Normalisation statistics never go through the method: after each block that has them comes a
+statistics entry (:func:`statistics_block`) of plain groups under the rule of
+:mod:`flexmerge.sizes`: the members' own statistics (exact per task), or for a merged group the
+pooled statistics of its members (:func:`pooled_statistics`).
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import numpy as np
 import torch
 
 from . import bundle_format as fmt
+from .blocks import Block, is_variance
+from .errors import FlexMergeError
 from .methods.base import GroupInput, MergeMethod, StoredGroup
 from .plan import Grouping
 from .sizes import CostModel
@@ -37,6 +44,71 @@ class StoredBlock:
     groups: list[StoredGroupRecord]
     tensors: dict[str, torch.Tensor]
     nbytes: int
+    params: list[str] | None = None  # the tensors it holds; None: its block's ``params``
+    file_index: int | None = None  # its file's number; None: ``index``
+
+
+STATISTICS_SUFFIX = ":statistics"
+"""A statistics entry is named after its block plus this suffix."""
+
+
+def pooled_statistics(means: torch.Tensor | None, variances: torch.Tensor | None
+                      ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Mean and variance of the mixture of the members' distributions, in float64: with
+    ``mu = mean_i mu_i``, ``var = mean_i (var_i + (mu_i - mu)^2)`` (law of total variance, equal
+    weights). ``means``/``variances``: ``[g, C]``; either may be None (then the other is averaged)."""
+    mu = means.to(torch.float64).mean(dim=0) if means is not None else None
+    if variances is None:
+        return mu, None
+    v = variances.to(torch.float64)
+    if means is not None:
+        v = v + (means.to(torch.float64) - mu) ** 2
+    return mu, v.mean(dim=0)
+
+
+def _read_statistics(models: ModelSet, name: str, members) -> torch.Tensor:
+    """``[g, *shape]`` statistics of ``members``, checked finite and, for variances, >= 0."""
+    tasks = models.task_names
+    rows = []
+    for t in members:
+        x = models.tasks[tasks[t]].get(name)
+        if not bool(torch.isfinite(x).all()):  # mergeable tensors are floating point
+            models.name_non_finite(name)
+        if is_variance(name) and bool((x < 0).any()):
+            raise FlexMergeError(f"task '{tasks[t]}': normalisation variance '{name}' has negative entries; "
+                                 "fix that checkpoint (a variance is never negative)")
+        rows.append(x)
+    return torch.stack(rows)
+
+
+def statistics_block(models: ModelSet, block: Block, bi: int, groups, kinds, cost: CostModel,
+                     file_index: int) -> StoredBlock:
+    """The statistics entry of ``block``: its groups follow the block's under the ``pooled`` rule
+    (originals where the block keeps originals, pooled statistics elsewhere); under ``per_task``
+    every task is a group of its own."""
+    if cost.statistics == "per_task":
+        groups = [(t,) for t in range(models.num_tasks)]
+        kinds = ["original"] * len(groups)
+    tensors: dict[str, torch.Tensor] = {}
+    records: list[StoredGroupRecord] = []
+    for gi, (members, kind) in enumerate(zip(groups, kinds)):
+        pooled = kind != "original" and len(members) > 1
+        records.append(StoredGroupRecord(list(members), "merged" if pooled else "original"))
+        stats = {name: _read_statistics(models, name, members) for name in block.statistics}
+        for name, x in stats.items():
+            if not pooled:
+                for pos in range(len(members)):
+                    tensors[fmt.original_key(gi, pos, name)] = x[pos].contiguous()
+                continue
+            if is_variance(name):
+                module = name.rpartition(".")[0]
+                value = pooled_statistics(stats.get(f"{module}.running_mean" if module else "running_mean"), x)[1]
+            else:  # a running mean (or another floating statistic): the mean of the members'
+                value = x.to(torch.float64).mean(dim=0)
+            tensors[fmt.merged_key(gi, name)] = value.to(x.dtype).contiguous()
+    nbytes = sum(int(t.numel()) * t.element_size() for t in tensors.values())
+    return StoredBlock(block.name + STATISTICS_SUFFIX, bi, False, records, tensors, nbytes,
+                       params=list(block.statistics), file_index=file_index)
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -62,6 +134,7 @@ def materialize(models: ModelSet, method: MergeMethod, grouping: Grouping, cost:
     """
     tasks = models.task_names
     blocks = models.blockmap.blocks
+    stats_files = 0
     for bi, block in enumerate(blocks):
         groups = grouping.groups[block.name]
         layout = cost.layout(bi, [len(g) for g in groups])
@@ -121,6 +194,14 @@ def materialize(models: ModelSet, method: MergeMethod, grouping: Grouping, cost:
                             tensors[fmt.mask_key(gi, pos, name)] = pack_mask(stored.masks[name][pos])
             if kind == "masked" and stored.scalars is not None:
                 tensors[fmt.scalars_key(gi)] = stored.scalars.to(torch.float32).reshape(-1).contiguous()
-        yield StoredBlock(block.name, bi, layout.store_base, records, tensors, layout.nbytes)
+        yield StoredBlock(block.name, bi, layout.store_base, records, tensors,
+                          layout.nbytes - layout.stats_nbytes)
+        if block.statistics:
+            stats_files += 1
+            sb = statistics_block(models, block, bi, groups, layout.kinds, cost, len(blocks) + stats_files - 1)
+            if sb.nbytes != layout.stats_nbytes:  # the size rule and the storage rule must agree
+                raise RuntimeError(f"statistics of block '{block.name}': {sb.nbytes} bytes stored, "
+                                   f"{layout.stats_nbytes} planned")
+            yield sb
         if progress is not None:
             progress(bi + 1, len(blocks))

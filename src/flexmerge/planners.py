@@ -68,7 +68,8 @@ import numpy as np
 from .errors import FlexMergeError
 
 PLANNERS = ("similarity", "distortion", "hybrid", "auto")
-"""Planner names: ``similarity`` is the paper's greedy criterion (the default)."""
+"""Planner names: ``similarity`` is the paper's greedy criterion; ``distortion`` is the default
+(:class:`flexmerge.config.MergeConfig`; the measurements behind it: docs/results/text8.md)."""
 
 AUTO_CANDIDATES = (("distortion", "fill"), ("hybrid", "fill"), ("similarity", "prefix"))
 """The ``auto`` planner's candidates ``(planner, fit)``; the first is the plan's main trajectory."""

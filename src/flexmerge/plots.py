@@ -94,6 +94,15 @@ def _series(rows: list[dict], key) -> dict[str, list[tuple[float, float]]]:
     return {k: sorted(v) for k, v in labels.items()}
 
 
+def _curves(res) -> list[dict]:
+    """Main rows, and calibrated rows as their own line ``<method> (calibrated)`` (their scale
+    differs per size, so they are one curve whatever their parameters)."""
+    rows = res.select(run="main")
+    for r in res.select(run="calibrated"):
+        rows.append(dict(r, method=f"{r['method']} (calibrated)", params={}))
+    return rows
+
+
 def _lines(ax, series: dict[str, list[tuple[float, float]]]) -> None:
     for i, (label, pts) in enumerate(series.items()):
         xs, ys = zip(*pts)
@@ -123,7 +132,7 @@ def plot_accuracy(result, path: str | os.PathLike, *, ylabel: str = "score") -> 
     """Average score vs size, one line per method, fine-tuned and zero-shot levels."""
     res = _result(result)
     fig, (ax,) = _figure(6.0, 4.0)
-    _lines(ax, _series(res.select(run="main"), lambda r: r["average"]))
+    _lines(ax, _series(_curves(res), lambda r: r["average"]))
     _references(ax, res.finetuned_average, res.zero_shot_average)
     _decorate(ax, f"average {ylabel}", f"{ylabel} vs size ({len(res.tasks)} tasks)", res.meta.get("max_units"))
     ax.legend(fontsize=7, loc="lower right")
@@ -134,7 +143,7 @@ def plot_normalized(result, path: str | os.PathLike, *, ylabel: str = "score") -
     """Normalized score (merged / fine-tuned per task, averaged) vs size."""
     res = _result(result)
     fig, (ax,) = _figure(6.0, 4.0)
-    _lines(ax, _series(res.select(run="main"), lambda r: r["normalized"]))
+    _lines(ax, _series(_curves(res), lambda r: r["normalized"]))
     zs = [r for r in res.select(run="reference", method="zero-shot")]
     _references(ax, 1.0, zs[0]["normalized"] if zs else None)
     _decorate(ax, f"normalized {ylabel}", f"normalized {ylabel} vs size", res.meta.get("max_units"))
@@ -148,10 +157,10 @@ def plot_per_task(result, path: str | os.PathLike, *, ylabel: str = "score") -> 
     n = len(res.tasks)
     cols = min(4, n)
     rows_ = math.ceil(n / cols)
-    n_labels = len({r["method"] for r in res.select(run="main")}) + 2
+    n_labels = len({r["method"] for r in _curves(res)}) + 2
     legend_h = 0.3 * math.ceil(n_labels / 5) + 0.15
     fig, axes = _figure(3.0 * cols, 2.4 * rows_ + legend_h, rows_, cols)
-    main = res.select(run="main")
+    main = _curves(res)
     for i, task in enumerate(res.tasks):
         ax = axes[i]
         _lines(ax, _series(main, lambda r, t=task: r["scores"].get(t)))

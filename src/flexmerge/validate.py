@@ -22,7 +22,7 @@ import torch
 from .blocks import BlockMap, build_block_map
 from .config import MergeConfig, make_config
 from .errors import FlexMergeError
-from .io import CheckpointSource, TensorInfo, open_checkpoint
+from .io import CheckpointSource, SafetensorsSource, TensorInfo, open_checkpoint
 
 
 STREAM_CHUNK = 1 << 21
@@ -233,5 +233,6 @@ def open_models(cfg: MergeConfig | dict) -> ModelSet:
         own = [n for n in src.names() if n not in mergeable and n not in aliases]
         task_specific[task] = own
     blockmap = build_block_map(mergeable, cfg.blocks,
-                               excluded=sorted({n for v in task_specific.values() for n in v}))
+                               excluded=sorted({n for v in task_specific.values() for n in v}),
+                               key_order=not isinstance(base, SafetensorsSource))  # safetensors sort keys
     return ModelSet(cfg, base, tasks, mergeable, blockmap, task_specific, aliases)

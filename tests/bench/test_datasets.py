@@ -230,6 +230,26 @@ def test_given_split_is_kept_and_capped_by_seed():
         ds.split_and_cap("t", tr, te, max_test=0)
 
 
+def test_validation_is_unused_training_data_never_test():
+    from flexmerge.bench.validation import validation_split
+
+    full = _toy(100)
+    d = ds.split_and_cap("t", full, None, seed=1, test_fraction=0.2, max_train=50)
+    val, held_out = validation_split("t", full, None, seed=1, test_fraction=0.2, max_train=50, max_val=20)
+    assert held_out and len(val) == 20
+    assert set(val.texts).isdisjoint(d.train.texts) and set(val.texts).isdisjoint(d.test.texts)
+    everything = ds.split_and_cap("t", full, None, seed=1, test_fraction=0.2)
+    assert val.texts == everything.train.texts[50:70]  # the seeded permutation past the cap
+    # too few unused examples: seen training examples, flagged, still never a test example
+    val, held_out = validation_split("t", full, None, seed=1, test_fraction=0.2, max_train=70, max_val=20)
+    assert not held_out and val.texts == d.train.texts[:20] and set(val.texts).isdisjoint(d.test.texts)
+    tr, te = _toy(30), ds.LabeledTexts(("x", "y"), (0, 1), ("a", "b", "c"))
+    val, held_out = validation_split("t", tr, te, max_train=None, max_val=5)
+    assert not held_out and not {"x", "y"} & set(val.texts)
+    with pytest.raises(FlexMergeError, match="max_val=0"):
+        validation_split("t", tr, te, max_val=0)
+
+
 # --------------------------------------------------------------------------- the real files
 
 

@@ -523,6 +523,17 @@ def dedupe(data: LabeledTexts) -> LabeledTexts:
     return data.take(keep)
 
 
+def _split(name: str, train: LabeledTexts, test: LabeledTexts | None, seed: int,
+           test_fraction: float) -> tuple[LabeledTexts, LabeledTexts]:
+    if test is None:
+        full = dedupe(train)
+        perm = seeded_permutation(len(full), name, seed, "split")
+        n_test = max(1, round(len(full) * test_fraction))
+        test = full.take(perm[:n_test])
+        train = full.take(perm[n_test:])
+    return train, test
+
+
 def split_and_cap(
     name: str,
     train: LabeledTexts,
@@ -539,12 +550,7 @@ def split_and_cap(
     for cap, what in ((max_train, "max_train"), (max_test, "max_test")):
         if cap is not None and cap < 1:
             raise FlexMergeError(f"{what}={cap} must be >= 1 (or None for no cap)")
-    if test is None:
-        full = dedupe(train)
-        perm = seeded_permutation(len(full), name, seed, "split")
-        n_test = max(1, round(len(full) * test_fraction))
-        test = full.take(perm[:n_test])
-        train = full.take(perm[n_test:])
+    train, test = _split(name, train, test, seed, test_fraction)
     tr_perm = seeded_permutation(len(train), name, seed, "train")
     te_perm = seeded_permutation(len(test), name, seed, "test")
     if max_train is not None:

@@ -29,10 +29,11 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..errors import FlexMergeError
-from .datasets import TASKS, TEXT8_TASKS, TaskData, default_cache_dir, load_task, resolve_data_dir
+from .datasets import TASKS, TEXT8_TASKS, LabeledTexts, TaskData, default_cache_dir, load_task, resolve_data_dir
 from .evaluate import TaskEvaluator
 from .finetune import (HEAD_PATTERNS, FinetuneRecipe, finetune_task, is_complete,
                        resolve_backbone, write_base)
+from .validation import load_validation
 
 DEMO_TASKS: tuple[str, ...] = ("sst2", "trec", "agnews", "subj")
 """Four dissimilar tasks (sentiment, question type, topic, subjectivity) for ``flexmerge demo``."""
@@ -90,6 +91,8 @@ class Text8Suite:
         self.root = self.cache_dir / "text8" / self.key[:16]
         self._data: dict[str, TaskData] = {}
         self._evaluator: TaskEvaluator | None = None
+        self._validation: dict[int, TaskEvaluator] = {}
+        self.validation_sets: dict[str, tuple[LabeledTexts, bool]] = {}
 
     @classmethod
     def demo(cls, **kwargs) -> "Text8Suite":
@@ -182,6 +185,28 @@ class Text8Suite:
                 exclude=HEAD_PATTERNS,
             )
         return self._evaluator
+
+    def validation_evaluator(self, max_val: int = 200) -> TaskEvaluator:
+        """``evaluator(task, model_or_state_dict) -> accuracy`` on validation examples, for
+        ``flexmerge curve --calibrate``: per task, ``max_val`` training examples that fine-tuning
+        did not use, or, for a task whose whole training split was used, seen training examples
+        (:func:`~flexmerge.bench.validation.validation_split`; which one is in
+        :attr:`validation_sets`). Never a test example."""
+        if max_val not in self._validation:
+            if not self.is_prepared():
+                raise FlexMergeError("text8 checkpoints are not ready: call Text8Suite.prepare() first")
+            for t in self.tasks:
+                self.data(t)  # verifies the files
+                self.validation_sets[t] = load_validation(
+                    t, self.data_dir, seed=self.recipe.split_seed, test_fraction=self.recipe.test_fraction,
+                    max_train=self.recipe.max_train_examples, max_val=max_val)
+            ev = self.evaluator
+            self._validation[max_val] = TaskEvaluator(
+                {t: self.validation_sets[t][0] for t in self.tasks},
+                {t: self.task_dir(t) for t in self.tasks}, self.base_dir,
+                max_seq_len=self.recipe.max_seq_len, batch_size=self.eval_batch_size,
+                exclude=HEAD_PATTERNS, tokenizer=ev.tokenizer)
+        return self._validation[max_val]
 
     def evaluate(self, task: str, model_or_state_dict) -> float:
         """Same as ``self.evaluator(task, model_or_state_dict)``."""

@@ -37,7 +37,9 @@ Output: rows (see :data:`~flexmerge.evaluate.table.CSV_FIELDS`) written after ev
 ``curve.json`` in ``out``; a failing evaluator raises :class:`~flexmerge.errors.FlexMergeError`
 naming it, and the table so far stays written (``"complete": false`` in the JSON).
 
-Modules: :mod:`~flexmerge.evaluate.sweep` (the sweep), :mod:`~flexmerge.evaluate.table` (the
+Modules: :mod:`~flexmerge.evaluate.sweep` (the sweep), :mod:`~flexmerge.evaluate.session` (calling
+the evaluator, caching, recording rows), :mod:`~flexmerge.evaluate.calibrate` (optional
+calibration on validation data), :mod:`~flexmerge.evaluate.table` (the
 table, ``curve.csv`` / ``curve.json``), :mod:`~flexmerge.evaluate.render` (the printed table),
 :mod:`~flexmerge.evaluate.user_code` (importing ``module:function``),
 :mod:`~flexmerge.evaluate.arguments` (checking a sweep's arguments); the plots are drawn by
@@ -45,10 +47,12 @@ table, ``curve.csv`` / ``curve.json``), :mod:`~flexmerge.evaluate.render` (the p
 """
 
 from .arguments import CHANNEL_MERGING, LINKAGES, ORDERS, parse_list, parse_sizes
-from .sweep import Evaluator, score_value, sweep
+from .calibrate import Calibration, calibrate
+from .session import Evaluator, score_value
+from .sweep import sweep
 from .table import CSV_FIELDS, CSV_NAME, CURVE_FORMAT, CURVE_VERSION, JSON_NAME, SweepResult
 from .user_code import callable_name, load_callable
 
-__all__ = ["sweep", "SweepResult", "parse_sizes", "load_callable", "callable_name", "score_value",
+__all__ = ["sweep", "calibrate", "Calibration", "SweepResult", "parse_sizes", "load_callable", "callable_name", "score_value",
            "parse_list", "Evaluator", "CHANNEL_MERGING", "ORDERS", "LINKAGES", "CSV_FIELDS", "CSV_NAME",
            "JSON_NAME", "CURVE_FORMAT", "CURVE_VERSION"]

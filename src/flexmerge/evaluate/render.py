@@ -8,7 +8,7 @@ import math
 
 def rich_table(result, max_tasks: int = 8, title: str | None = None, width: int | None = None):
     """A :class:`rich.table.Table` of the rows; ablation rows carry their order and linkage
-    (and seed) after the method name. Per-task columns are added when there are at most
+    (and seed) after the method name, calibrated rows their planner and scale. Per-task columns are added when there are at most
     ``max_tasks`` tasks and the table still fits in ``width`` characters (a console's width;
     ``None``: no limit), so that no cell is ever cut short."""
     from rich.markup import escape
@@ -19,6 +19,8 @@ def rich_table(result, max_tasks: int = 8, title: str | None = None, width: int 
         name = r["method"]
         if r["run"] in ("order", "linkage"):
             name += f" ({r['order']}, {r['linkage']}" + (f", seed {r['seed']}" if r["seed"] is not None else "") + ")"
+        elif r["run"] == "calibrated":
+            name += " (calibrated: " + r.get("note", "").split(" (validation")[0] + ")"
         names.append(name)
     rows = [[escape(name), _cell(r["requested_size"]) or "-", f"{r['size_units']:.4g}",
              _human_bytes(r["size_bytes"]), _fmt(r["average"]), _fmt(r["normalized"])]

@@ -128,6 +128,8 @@ class MergeMethod:
     """True when :meth:`transform` on a flat element range of a tensor equals that range of the
     transform of the whole tensor (e.g. a trim by per-task thresholds): the similarity pass may
     then stream large tensors in chunks, bounding memory by N x chunk instead of N x tensor."""
+    note: ClassVar[str] = ""
+    """What a user should know about how the method treats some tensors (``flexmerge methods``)."""
     order_invariant: ClassVar[bool] = True
     """True when :meth:`merge` of a group whose members come in another order stores the same merge
     (masks and scalars following their members), up to floating-point summation order. A method
@@ -171,6 +173,14 @@ class MergeMethod:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.model_dump(by_alias=True).items())
         return f"{type(self).__name__}({args})"
+
+
+def method_text(described: dict) -> str:
+    """A method as a user writes it: ``ties (k=0.2, lambda=1.0)``; parameters left unset (None)
+    are not shown, an inner method (``consensus``) is written the same way."""
+    params = ", ".join(f"{k}={method_text(v) if isinstance(v, dict) else v}" for k, v in described.items()
+                       if k != "name" and v is not None)
+    return f"{described.get('name')}" + (f" ({params})" if params else "")
 
 
 def _describe_param_error(method: MergeMethod, exc: ValidationError) -> str:

@@ -15,8 +15,11 @@ singular values as the isotropic spectrum: ``tau_merged = alpha * sigma_bar * U_
 Defaults as the authors' code and FusionBench: ``common_space_fraction = 0.8``, ``alpha = 1.0``
 (the paper tunes ``alpha`` on validation data; no data is used here).
 
-Tensors that are not 2-D are averaged (mean, not sum), and every tensor is scaled by ``alpha``,
-as in the authors' code (danielm1405/iso-merging) and FusionBench's ``iso_c`` / ``iso_cts``.
+Tensors that are not matrices are averaged (mean, not sum), and every tensor is scaled by
+``alpha``, as in the authors' code (danielm1405/iso-merging) and FusionBench's ``iso_c`` /
+``iso_cts``. Convolution kernels ``[out, in, *k]`` are the matrices ``[out, in * prod(k)]`` (a 1x1
+convolution exactly its linear layer) and depthwise kernels (``in == 1``) are averaged, as in
+:mod:`.tsv` (:func:`.tsv.as_matrices`); the authors' code averages every non-2-D tensor.
 
 Differences from that code: singular directions whose singular value is numerically zero
 (``s <= max(rows, cols) * eps32 * s_max``) are left out. The mean is taken over the rest, and the
@@ -34,7 +37,7 @@ from pydantic import Field
 
 from .base import MAX_SCALE, GroupInput, MergeMethod, MethodParams, StoredGroup
 from .registry import register
-from .tsv import partial_polar, rank_tolerance
+from .tsv import CONV_NOTE, as_matrices, partial_polar, rank_tolerance
 
 
 def iso_c_matrix(taus: torch.Tensor) -> torch.Tensor:
@@ -95,6 +98,8 @@ class IsoCTSParams(MethodParams):
 
 
 class _IsoBase(MergeMethod):
+    note = CONV_NOTE
+
     def _matrix(self, taus: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -102,8 +107,9 @@ class _IsoBase(MergeMethod):
         alpha = self.params.alpha
         merged: dict[str, torch.Tensor] = {}
         for name, taus in group.task_vectors.items():
-            if taus.dim() == 3 and min(taus.shape[1:]) > 0:
-                out = self._matrix(taus)
+            mats = as_matrices(name, taus)
+            if mats is not None and min(mats.shape[1:]) > 0:
+                out = self._matrix(mats).reshape(taus.shape[1:])
             else:
                 out = taus.to(torch.float64).mean(dim=0)
             merged[name] = (alpha * out).to(torch.float32)

@@ -10,8 +10,14 @@ Per 2-D tensor and group of ``g`` tasks:
    ``U = P Sigma Q^T -> U_perp = P Q^T`` (the closest orthonormal matrix, Procrustes), same for ``V``.
 4. ``tau_merged = alpha * U_perp S V_perp^T``.
 
-Tensors that are not 2-D (biases, norms, conv kernels) are averaged, and everything is scaled by
+Tensors that are not matrices (biases, norms) are averaged, and everything is scaled by
 ``alpha`` (default 1.0, the paper's TSV-M setting), as in the paper's released code.
+
+Convolution kernels ``[out, in, *k]`` (a ``weight`` of 3 to 5 dimensions) are the matrices
+``[out, in * prod(k)]`` (:func:`as_matrices`), the map from an input patch to the output
+channels; a 1x1 convolution is exactly its linear layer. The paper's code averages every
+non-2-D tensor. Depthwise kernels (``in == 1``: one filter per channel, no mixing of channels to
+decompose) are averaged, and so is a grouped convolution's kernel of one input channel per group.
 
 Where this differs from the paper's code (AntoAndGar/task_singular_vectors) and FusionBench's copy:
 
@@ -78,6 +84,21 @@ def tsv_matrix(taus: torch.Tensor, rank: int) -> torch.Tensor:
     return (u_perp * s_cat) @ vh_perp
 
 
+CONV_NOTE = ("conv kernels [out, in, *k] as matrices [out, in*k] (1x1 exactly as linear); "
+             "depthwise kernels (in = 1) averaged")
+
+
+def as_matrices(name: str, taus: torch.Tensor) -> torch.Tensor | None:
+    """The stack ``[g, rows, cols]`` an SVD method decomposes for tensor ``name``: 2-D tensors as
+    they are, convolution kernels ``[g, out, in, *k]`` as ``[g, out, in * prod(k)]`` (module
+    docstring); None for what is averaged (vectors, depthwise kernels, other tensors)."""
+    if taus.dim() == 3:
+        return taus
+    if 4 <= taus.dim() <= 6 and name.rsplit(".", 1)[-1] == "weight" and taus.shape[2] > 1:
+        return taus.reshape(taus.shape[0], taus.shape[1], -1)
+    return None
+
+
 class TSVParams(MethodParams):
     alpha: float = Field(1.0, gt=0, le=MAX_SCALE, description="scaling of the merged task vector (TSV-M: 1.0)")
     rank_fraction: float | None = Field(
@@ -90,12 +111,13 @@ class TSVParams(MethodParams):
 
 @register
 class TSVMerge(MergeMethod):
-    """TSV-M (Gargiulo et al. 2025): per 2-D tensor, each task's top ``1/g`` singular triplets,
-    concatenated, with ``U`` and ``V`` orthogonalised by their polar factors; other tensors
-    averaged; all times ``alpha``."""
+    """TSV-M (Gargiulo et al. 2025): per matrix (conv kernels as matrices), each task's top
+    ``1/g`` singular triplets, concatenated, with ``U`` and ``V`` orthogonalised by their polar
+    factors; other tensors averaged; all times ``alpha``."""
 
     name = "tsv"
     Params = TSVParams
+    note = CONV_NOTE
 
     def _rank(self, k: int, g: int) -> int:
         frac = self.params.rank_fraction
@@ -105,9 +127,10 @@ class TSVMerge(MergeMethod):
         alpha = self.params.alpha
         merged: dict[str, torch.Tensor] = {}
         for name, taus in group.task_vectors.items():
-            rank = self._rank(min(taus.shape[1:]), taus.shape[0]) if taus.dim() == 3 else 0
+            mats = as_matrices(name, taus)
+            rank = self._rank(min(mats.shape[1:]), mats.shape[0]) if mats is not None else 0
             if rank > 0:
-                out = tsv_matrix(taus, rank)
+                out = tsv_matrix(mats, rank).reshape(taus.shape[1:])
             else:
                 out = taus.to(torch.float64).mean(dim=0)
             merged[name] = (alpha * out).to(torch.float32)
