@@ -351,3 +351,20 @@ def test_cli_method_parameters():
         _method_specs("average", ["k=0.2"])
     with pytest.raises(FlexMergeError, match="method 'dare' is not in --methods"):
         _method_specs("ties", ["dare.p=0.5"])
+
+
+def test_sweep_closes_its_merge_jobs_also_on_failure(bert_set, monkeypatch):
+    cfg = bert_set()
+    closed = []
+    original = engine.FlexMerge.close
+    monkeypatch.setattr(engine.FlexMerge, "close", lambda self: (closed.append(self), original(self)))
+    sweep(cfg, ["task_arithmetic", "ties"], [1, 2], toy_evaluator(cfg))
+    assert len(closed) == 2 and all(fm.models.closed for fm in closed)
+    closed.clear()
+
+    def failing(task, sd):
+        raise RuntimeError("boom")
+
+    with pytest.raises(FlexMergeError, match="boom"):
+        sweep(cfg, ["task_arithmetic"], [1], failing, finetuned={"t0": 1.0, "t1": 1.0, "t2": 1.0})
+    assert len(closed) == 1 and closed[0].models.closed

@@ -107,6 +107,7 @@ def sweep(config: Any, methods: Sequence[Any] | str | None, sizes: Sequence[floa
     st.result.meta.update({"methods": [m if isinstance(m, (str, dict)) else _method_name(m) for m in method_specs],
                            "sizes": size_list, "orders": order_list, "linkages": linkage_list,
                            "seeds": seed_list, "ablation_methods": [_method_name(m) for m in ablation_specs]})
+    opened: list = []  # every job's FlexMerge, closed (open checkpoint files) when the sweep ends
     try:
         st.references(zero_shot)
         shared_grams = None
@@ -116,6 +117,7 @@ def sweep(config: Any, methods: Sequence[Any] | str | None, sizes: Sequence[floa
                 _channel_merging(st, spec, size_list, recalibrate)
                 continue
             fm = FlexMerge(cfg, method=spec, progress=progress, recalibrate=recalibrate)
+            opened.append(fm)
             params = {k: v for k, v in fm.method.describe().items() if k != "name"}
             grams = shared_grams if not fm.method.transforms else None
             plan = fm.plan(grams=grams)
@@ -172,6 +174,9 @@ def sweep(config: Any, methods: Sequence[Any] | str | None, sizes: Sequence[floa
     except BaseException:
         st.save()
         raise
+    finally:
+        for job in opened:
+            job.close()
     st.result.meta["seconds"] = round(time.perf_counter() - t0, 3)
     st.save()
     if out is not None and plots:
