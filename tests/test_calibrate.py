@@ -167,3 +167,12 @@ def test_cli_curve_calibrate(bert_set, tmp_path, capsys):
         code = cli.main(base + ["-o", str(tmp_path / "d")] + extra)
         err = capsys.readouterr().err
         assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_sizes_outside_a_methods_range_are_skipped_not_fatal(bert_set):
+    cfg = bert_set(n=3)
+    val, test = distance_evaluator(cfg), distance_evaluator(cfg, power=2.0)
+    res = sweep(cfg, ["emr"], [1.0, 2.5], test, validation_evaluator=val, calibration_budget=60)
+    assert [r["requested_size"] for r in res.select(run="calibrated")] == [2.5]
+    assert any(n.startswith("emr: calibration at size 1.0 skipped") for n in res.notes)
+    assert res.meta["calibration"]["emr"]["skipped"] and res.complete

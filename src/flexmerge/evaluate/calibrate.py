@@ -88,10 +88,11 @@ class Calibration:
     evaluations: int
     budget: int
     finetuned_validation: dict[str, float]
+    skipped: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"method": self.method, "scale": self.scale, "evaluations": self.evaluations,
-                "budget": self.budget, "finetuned_validation": self.finetuned_validation,
+                "budget": self.budget, "finetuned_validation": self.finetuned_validation, "skipped": self.skipped,
                 "choices": [c.to_dict() for c in self.choices]}
 
 
@@ -138,7 +139,14 @@ class _Calibrator:
         for p in self.planners:
             if p not in CALIBRATION_PLANNERS:
                 raise FlexMergeError(f"unknown calibration planner '{p}'; use {', '.join(CALIBRATION_PLANNERS)}")
-        self.sizes = sorted(sizes, key=lambda s: self.fm.plan().target_bytes(s))
+        plan, reachable = self.fm.plan(), []
+        self.skipped: list[str] = []  # sizes outside the method's range, skipped as the sweep skips them
+        for size in sizes:
+            try:
+                reachable.append((plan.target_bytes(size), size))
+            except FlexMergeError as exc:
+                self.skipped.append(f"{self.name}: calibration at size {size} skipped ({exc})")
+        self.sizes = [size for _, size in sorted(reachable, key=lambda x: x[0])]
         self.budget = check_budget(budget, self.n, len(self.sizes))
         self.fms: dict[float | None, Any] = {None if self.scale is None else self.scale[1]: self.fm}
         self.plans: dict[str, Any] = {}
@@ -208,7 +216,7 @@ class _Calibrator:
             scale = choice.params.get(self.scale[0], scale) if self.scale else None
             choices.append(choice)
         return Calibration(self.name, self.scale[0] if self.scale else None, choices, self.vst.evaluations,
-                           self.budget, ft)
+                           self.budget, ft, list(self.skipped))
 
     def _calibrate_size(self, size, scale, allowance: Callable[[], int]) -> Choice:
         tried: dict[tuple[str, float | None], float] = {}
@@ -291,6 +299,8 @@ def calibrated_runs(st, spec, sizes: list, validation_evaluator: Callable, budge
     try:
         result = cal.run()
         st.result.meta.setdefault("calibration", {})[result.method] = result.to_dict()
+        for text in result.skipped:
+            st.note(text)
         for choice in sorted(result.choices, key=lambda c: sizes.index(c.size)):
             scale = choice.params.get(result.scale) if result.scale else None
             fm, plan = cal.job(scale), cal.plan(choice.planner)

@@ -184,6 +184,12 @@ class Session:
     def _evaluate_all(self, make_state_dict: Callable[[str], Mapping], where: str) -> dict[str, float]:
         return {t: self._call(t, make_state_dict(t), where) for t in self.tasks}
 
+    def note(self, text: str) -> None:
+        """Record a note in the table once (e.g. a size skipped) and log it."""
+        if text not in self.result.notes:
+            self.result.notes.append(text)
+        self.log(text)
+
     # ---- references ------------------------------------------------------------------------
     def references(self, zero_shot) -> None:
         m = self.models

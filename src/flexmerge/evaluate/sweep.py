@@ -145,10 +145,7 @@ def sweep(config: Any, methods: Sequence[Any] | str | None, sizes: Sequence[floa
                     try:
                         grouping = p.at(size)  # the plan's fit rule (prefix or fill)
                     except FlexMergeError as exc:
-                        note = f"{name}: size {size} skipped ({exc})"
-                        if note not in st.result.notes:
-                            st.result.notes.append(note)
-                        st.log(note)
+                        st.note(f"{name}: size {size} skipped ({exc})")
                         continue
                     done.add(grouping.steps)
                     st.run(fm=fm, grouping=grouping, plan=p, method_name=name, params=params,
@@ -202,10 +199,7 @@ def _channel_merging(st: Session, spec: Any, sizes: list, recalibrate: Any = Non
         try:
             integer_size(size, cm.num_tasks)
         except FlexMergeError as exc:
-            note = f"{CHANNEL_MERGING}: size {size} skipped ({exc})"
-            if note not in st.result.notes:
-                st.result.notes.append(note)
-            st.log(note)
+            st.note(f"{CHANNEL_MERGING}: size {size} skipped ({exc})")
             continue
         st.run(fm=cm.fm, grouping=cm.grouping(size), plan=None, method_name=CHANNEL_MERGING, params=desc,
                run="main", order=None, linkage=None, seed=None, requested=size)
