@@ -151,6 +151,7 @@ def curve(config: Path = typer.Argument(..., help="merge config (YAML): base, ta
                    zero_shot=zero_shot, out=output, plots=plots, ylabel=ylabel,
                    log=(lambda msg: err.print(msg, markup=False)) if progress else None, progress=progress,
                    evaluator_name=evaluator, validation_evaluator=validation, calibration_budget=budget,
+                   validation_evaluator_name=calibrate,
                    recalibrate=recal)
     out.print(result.rich_table(title=escape(f"{ylabel} vs size ({len(result.tasks)} tasks, evaluator "
                                              f"{result.meta['evaluator']})"), width=out.width))

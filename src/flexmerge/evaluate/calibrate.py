@@ -291,11 +291,13 @@ def calibrate(config: Any, method: Any, sizes: Sequence[float | str] | str, vali
 
 
 def calibrated_runs(st, spec, sizes: list, validation_evaluator: Callable, budget: int | None, *,
-                    model_factory=None, progress: bool = False) -> Calibration:
+                    model_factory=None, progress: bool = False, evaluator_name: str | None = None) -> Calibration:
     """Calibrate ``spec`` on validation, then evaluate each size's choice with the sweep's
     (test) evaluator as ``run = "calibrated"`` rows of the sweep ``st``."""
     cal = _Calibrator(st.cfg, spec, sizes, validation_evaluator, budget, planners=CALIBRATION_PLANNERS,
                       step=1.25, model_factory=model_factory, log=st.log, progress=progress)
+    if evaluator_name:
+        cal.vst.ev_name = evaluator_name
     try:
         result = cal.run()
         st.result.meta.setdefault("calibration", {})[result.method] = result.to_dict()

@@ -24,7 +24,8 @@ def sweep(config: Any, methods: Sequence[Any] | str | None, sizes: Sequence[floa
           out: str | os.PathLike | None = None, plots: bool = True, ylabel: str = "score",
           log: Callable[[str], None] | None = None, progress: bool = False,
           evaluator_name: str | None = None, validation_evaluator: Evaluator | None = None,
-          calibration_budget: int | None = None, recalibrate: Any = None) -> SweepResult:
+          calibration_budget: int | None = None, validation_evaluator_name: str | None = None,
+          recalibrate: Any = None) -> SweepResult:
     """Evaluate every method at every size (and the ablation runs); return the table.
 
     ``config``: merge config (YAML path, dict or MergeConfig). ``methods``: names, ``{name, **params}``
@@ -42,7 +43,7 @@ def sweep(config: Any, methods: Sequence[Any] | str | None, sizes: Sequence[floa
     ``validation_evaluator`` / ``calibration_budget``: also calibrate each method per size on
     validation data within that many evaluator calls per method (``None``: the default of
     :func:`~flexmerge.evaluate.calibrate.check_budget`) and evaluate the choices as ``calibrated``
-    rows (:mod:`flexmerge.evaluate.calibrate`). ``recalibrate``: a
+    rows (:mod:`flexmerge.evaluate.calibrate`); ``validation_evaluator_name`` names it in messages. ``recalibrate``: a
     :class:`~flexmerge.recalibrate.Recalibration`: every merged model's BatchNorm statistics are
     re-estimated on data before it is evaluated (not the fine-tuned references, nor ``calibrated`` rows).
     """
@@ -159,7 +160,8 @@ def sweep(config: Any, methods: Sequence[Any] | str | None, sizes: Sequence[floa
                 from .calibrate import calibrated_runs
 
                 calibrated_runs(st, spec, size_list, validation_evaluator, calibration_budget,
-                                model_factory=model_factory, progress=progress)
+                                model_factory=model_factory, progress=progress,
+                                evaluator_name=validation_evaluator_name)
         st.result.complete = True
     except _EvalFailure as exc:
         st.save()
