@@ -39,6 +39,11 @@ TEXT8_TASKS: tuple[str, ...] = (
 )
 """The eight tasks of the ``text8`` suite, in the suite's (and merge config's) task order."""
 
+TEXT14_TASKS: tuple[str, ...] = TEXT8_TASKS + (
+    "sst5", "mr", "sms_spam", "tweet_hate", "tweet_irony", "tweet_offensive",
+)
+"""The fourteen tasks of ``text14``: text8's eight, then the six other data sets."""
+
 DATA_ENV = "FLEXMERGE_DATA"
 CACHE_ENV = "FLEXMERGE_CACHE"
 

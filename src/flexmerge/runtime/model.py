@@ -109,6 +109,38 @@ class MultiTaskModel:
             start += n
         return {t: result[t] for t in batch}
 
+    def ensemble(self, inputs: Any, head: Callable[[str, Any], torch.Tensor],
+                 tasks: list[str] | None = None, combine: str = "probs") -> torch.Tensor:
+        """Predict for a task the bundle does not hold by ensembling its task branches (FlexMerge,
+        Dhasade et al., ICLR 2026, Appendix C.6: out-of-distribution tasks).
+
+        ``inputs`` run through the branch of every task in ``tasks`` (default: all) in one mixed
+        batch; ``head(task, outputs)`` maps one branch's outputs to logits ``[rows, classes]``
+        (e.g. a linear head on pooled hidden states: pass ``output_hidden_states=True`` among the
+        inputs of an HF model). ``combine="probs"`` returns the mean over branches of the softmax
+        probabilities, ``"logits"`` the mean of the logits; ``[rows, classes]`` either way.
+        """
+        if combine not in ("probs", "logits"):
+            raise FlexMergeError(f"combine={combine!r} is unknown; use 'probs' or 'logits'")
+        if not callable(head):
+            raise FlexMergeError("head must be a callable (task, outputs) -> logits [rows, classes]")
+        tasks = list(dict.fromkeys(self.tasks if tasks is None else tasks))
+        if not tasks:
+            raise FlexMergeError("give at least one task to ensemble over")
+        outputs = self.forward({t: inputs for t in tasks})
+        total = None
+        for t in tasks:
+            logits = head(t, outputs[t])
+            if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+                raise FlexMergeError(f"head returned {type(logits).__name__} for task '{t}'; it must "
+                                     "return logits [rows, classes]")
+            part = logits.float().softmax(-1) if combine == "probs" else logits.float()
+            if total is not None and part.shape != total.shape:
+                raise FlexMergeError(f"head gave task '{t}' logits of shape {tuple(part.shape)} but "
+                                     f"{tuple(total.shape)} for another task; one head, one class count")
+            total = part if total is None else total + part
+        return total / len(tasks)
+
     # ---- facts --------------------------------------------------------------------------
     def task_tensors(self, task: str) -> dict[str, torch.Tensor]:
         """The tensors ``task`` runs with, by parameter name: stored tensors themselves (shared
