@@ -34,12 +34,9 @@ def scaling_points(curves: dict[int, dict], tasks8: list[str]) -> dict[str, dict
 
 
 def _plot_scaling(points, path: Path) -> None:
-    import matplotlib
+    from flexmerge.plots import _figure, _save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, (ax,) = _figure(6.4, 4.2)
     for i, (m, by_n) in enumerate(points.items()):
         color = f"C{i}"
         for n, style in ((8, "-o"), (14, "--s")):
@@ -51,19 +48,14 @@ def _plot_scaling(points, path: Path) -> None:
     ax.set_title("Merged among 8 tasks (solid) vs among 14 (dashed)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _plot_ood(ood, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from flexmerge.plots import _figure, _save
 
     tasks = ood["ood_tasks"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, (ax,) = _figure(6.4, 4.2)
     experts = [r for r in ood["runs"] if r["method"] == "fine-tuned experts"]
     methods = list(dict.fromkeys(r["method"] for r in ood["runs"] if r["method"] != "fine-tuned experts"))
     for i, m in enumerate(methods):
@@ -78,9 +70,7 @@ def _plot_ood(ood, path: Path) -> None:
     ax.set_ylabel(f"average accuracy on {len(tasks)} OOD tasks")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def summarize(out: Path, doc: Path) -> None:

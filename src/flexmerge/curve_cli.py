@@ -3,6 +3,10 @@
     flexmerge curve merge.yaml --sizes 1,1.5,2,4 --methods task_arithmetic,ties \\
         --evaluator my_module:evaluate -o curve/
 
+``--ray`` runs the evaluator calls as Ray tasks (:mod:`flexmerge.evaluate.distributed`); a rerun
+into the same ``-o`` continues an interrupted sweep (``--no-resume`` starts afresh;
+:mod:`flexmerge.evaluate.resume`).
+
 Thin: it parses, imports the evaluator (``module:function`` with the module importable or in the
 current directory, or ``path/to/file.py:function``), calls :func:`flexmerge.evaluate.sweep`,
 which writes ``curve.csv``, ``curve.json`` and the PNG plots, and prints the table. Registered in
@@ -109,7 +113,21 @@ def curve(config: Path = typer.Argument(..., help="merge config (YAML): base, ta
                                                        help="module:function or file.py:function, batches(task) -> "
                                                             "iterable of unlabeled input batches: re-estimate "
                                                             "BatchNorm statistics of every merged model (needs "
-                                                            "--model-factory)")):
+                                                            "--model-factory)"),
+          resume: bool = typer.Option(True, "--resume/--no-resume",
+                                      help="reuse the finished rows of the curve.json already in -o that the "
+                                           "same setting (config, checkpoints, evaluator, method and its "
+                                           "parameters, size, order/linkage/seed) produced, so an interrupted "
+                                           "sweep continues; --no-resume evaluates every row again"),
+          ray: bool = typer.Option(False, "--ray",
+                                   help="run the evaluator calls as Ray tasks, one CPU each, on a local Ray "
+                                        "cluster started (and shut down) for this sweep; needs "
+                                        "the ray extra: pip install -e \".\\[ray]\""),
+          ray_address: Optional[str] = typer.Option(None, "--ray-address",
+                                                    help="join the Ray cluster at this address (e.g. auto, "
+                                                         "ray://host:10001) instead of starting one; implies "
+                                                         "--ray. The evaluator's module must be importable "
+                                                         "on the cluster's nodes")):
     """Accuracy-size curves: evaluate merge methods at several sizes with your own evaluator."""
     from rich.console import Console
     from rich.markup import escape
@@ -118,6 +136,10 @@ def curve(config: Path = typer.Argument(..., help="merge config (YAML): base, ta
 
     out = Console(width=None if sys.stdout.isatty() else 200)  # a pipe or file gets whole rows
     err = Console(stderr=True, highlight=False)
+    if ray or ray_address is not None:
+        from .evaluate.distributed import import_ray
+
+        import_ray()  # not installed: one line, exit 2, before importing the user's code
     ev = load_callable(evaluator, "evaluator")
     factory = load_callable(model_factory, "model factory") if model_factory else None
     if budget is not None and calibrate is None:
@@ -152,7 +174,7 @@ def curve(config: Path = typer.Argument(..., help="merge config (YAML): base, ta
                    log=(lambda msg: err.print(msg, markup=False)) if progress else None, progress=progress,
                    evaluator_name=evaluator, validation_evaluator=validation, calibration_budget=budget,
                    validation_evaluator_name=calibrate,
-                   recalibrate=recal)
+                   recalibrate=recal, resume=resume, ray=ray, ray_address=ray_address)
     out.print(result.rich_table(title=escape(f"{ylabel} vs size ({len(result.tasks)} tasks, evaluator "
                                              f"{result.meta['evaluator']})"), width=out.width))
     for note in result.notes:

@@ -326,3 +326,17 @@ def test_minilm_recipe_key_is_stable_and_sensitive():
     assert a.key() == b.key() and len(a.key()) == 64
     assert ft.FinetuneRecipe(seed=1).key() != a.key()
     assert ft.FinetuneRecipe(max_train_examples=100).key() != a.key()
+
+
+def test_resume_key_changes_with_the_test_sets_and_settings(tiny_backbone, data_dir, tmp_path):
+    """A resumed sweep must not reuse scores measured on other test examples (another --max-test)."""
+    suite = _suite(tiny_backbone, data_dir, tmp_path / "cache", max_steps=2)
+    suite.prepare()
+    key = suite.evaluator.resume_key
+    same = _suite(tiny_backbone, data_dir, tmp_path / "cache", max_steps=2)
+    assert same.evaluator.resume_key == key
+    fewer = Text8Suite(tasks=suite.tasks, recipe=suite.recipe, data_dir=data_dir, cache_dir=tmp_path / "cache",
+                       max_test=3, progress=False, log=None)
+    assert fewer.evaluator.resume_key != key
+    ev = suite.evaluator
+    assert TaskEvaluator(ev.tests, ev.checkpoints, None, max_seq_len=ev.max_seq_len + 1).resume_key != key

@@ -19,6 +19,8 @@ can never silently borrow fine-tuned encoder weights.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -188,6 +190,17 @@ class TaskEvaluator:
     @property
     def tasks(self) -> list[str]:
         return list(self.tests)
+
+    @property
+    def resume_key(self) -> str:
+        """What a resumed sweep must match besides the evaluator's name (see
+        :mod:`flexmerge.evaluate.resume`): the test sets' texts and labels, the fine-tuned
+        checkpoints (their heads are used), sequence length and head patterns."""
+        h = hashlib.sha256()
+        for t, d in sorted(self.tests.items()):
+            h.update(json.dumps([t, list(d.texts), list(d.labels), str(self.checkpoints[t])]).encode())
+        h.update(json.dumps([self.max_seq_len, self.exclude]).encode())
+        return h.hexdigest()
 
     def _task(self, task: str) -> LabeledTexts:
         if task not in self.tests:

@@ -27,7 +27,12 @@ What one sweep does (and does not do again)
 * Every distinct merged model is evaluated once: results are cached in memory by (method and
   parameters, per-tensor grouping), so a size requested twice, the same grouping reached by two
   orders, or the largest size (every task keeps its checkpoint, so its scores *are* the
-  fine-tuned ones) cost no evaluation. Nothing is cached on disk.
+  fine-tuned ones) cost no evaluation. A rerun into the same ``out`` reuses the finished rows of
+  the table there that the same setting produced (``resume=True``, the default;
+  :mod:`~flexmerge.evaluate.resume`), so an interrupted sweep evaluates only the missing rows.
+* ``ray=True`` / ``ray_address=``: the evaluator calls run as Ray tasks, each merged model built
+  once by the driver and shared through Ray's object store; the table equals the serial one
+  (:mod:`~flexmerge.evaluate.distributed`).
 * ``channel_merging`` (the baseline in :mod:`flexmerge.baselines.channel_merging`) is accepted as
   a method name; it takes integer sizes only (others are skipped with a note).
 * A size outside a method's range is skipped with a note; a mask method (TALL/consensus, EMR) is
@@ -42,7 +47,8 @@ the evaluator, caching, recording rows), :mod:`~flexmerge.evaluate.calibrate` (o
 calibration on validation data), :mod:`~flexmerge.evaluate.table` (the
 table, ``curve.csv`` / ``curve.json``), :mod:`~flexmerge.evaluate.render` (the printed table),
 :mod:`~flexmerge.evaluate.user_code` (importing ``module:function``),
-:mod:`~flexmerge.evaluate.arguments` (checking a sweep's arguments); the plots are drawn by
+:mod:`~flexmerge.evaluate.arguments` (checking a sweep's arguments), :mod:`~flexmerge.evaluate.resume`
+(reusing an earlier table's rows), :mod:`~flexmerge.evaluate.distributed` (Ray); the plots are drawn by
 :mod:`flexmerge.plots`.
 """
 

@@ -90,10 +90,77 @@ class _EvalFailure(Exception):
 
 
 class _BadScore(_EvalFailure):
-    def __init__(self, message: str):
+    def __init__(self, message: str, exc: BaseException | None = None):
         Exception.__init__(self, message)
         self.message = message
-        self.exc = None
+        self.exc = exc
+
+
+def evaluate_one(evaluator, ev_name: str, factory, modules: dict, task: str, sd: Mapping, where: str,
+                 notes: list[str]) -> float:
+    """One evaluator call: ``sd`` loaded into the task's module from ``factory`` (built once into
+    ``modules``) when there is one, the score checked (:func:`score_value`), a note appended to
+    ``notes`` for parameters the checkpoint lacks. Raises :class:`_EvalFailure` (the evaluator or
+    factory failed, or the model gave non-finite outputs) or :class:`FlexMergeError`. Used by the
+    session and by the Ray workers of :mod:`flexmerge.evaluate.distributed`."""
+    obj: Any = sd
+    seen: list[str] = []
+    if factory is not None:
+        fname = f"model_factory '{callable_name(factory)}'"
+        if task not in modules:
+            try:
+                module = factory(task)
+            except Exception as exc:
+                raise _EvalFailure(fname, task, "building the model", exc) from exc
+            if not hasattr(module, "load_state_dict"):
+                raise FlexMergeError(f"{fname} returned a {type(module).__name__} for task '{task}', not a "
+                                     "torch.nn.Module")
+            modules[task] = module
+        module = modules[task]
+        try:
+            res = module.load_state_dict(dict(sd), strict=False)
+        except Exception as exc:
+            raise _EvalFailure(fname, task, f"{where}: loading the state dict", exc) from exc
+        if res.unexpected_keys:
+            raise FlexMergeError(f"{fname}: the module for task '{task}' has no parameters "
+                                 f"{sorted(res.unexpected_keys)[:5]} that the checkpoint has; return the "
+                                 "task's own architecture")
+        if res.missing_keys:
+            note = (f"task {task}: the model_factory module has parameters the checkpoint lacks "
+                    f"({', '.join(sorted(res.missing_keys)[:5])}); they keep the module's values")
+            if note not in notes:
+                notes.append(note)
+        obj = module
+        seen = _watch_outputs(module)
+        seen.clear()
+    try:
+        value = evaluator(task, obj)
+    except Exception as exc:
+        if seen:
+            raise _BadScore(_non_finite_message(where, task, seen[0])) from None
+        raise _EvalFailure(f"evaluator '{ev_name}'", task, where, exc) from exc
+    if seen:
+        raise _BadScore(_non_finite_message(where, task, seen[0]))
+    try:
+        return score_value(value, f"evaluator '{ev_name}'", task, where)
+    except FlexMergeError as exc:
+        raise _BadScore(str(exc)) from None
+
+
+class Pending:
+    """Scores being computed elsewhere (an executor such as :class:`~flexmerge.evaluate.distributed.
+    RayExecutor`): ``calls`` evaluator calls; ``ready()`` without blocking, ``outcomes()`` blocking,
+    one per task: ``("ok", score, notes)`` or ``("error", kind, message, notes, exc)`` with kind
+    ``"eval"`` (an :class:`_EvalFailure`) or ``"input"`` (a :class:`FlexMergeError`)."""
+
+    calls: int = 0
+    scores: dict[str, float] | None = None  # set by the session once resolved
+
+    def ready(self) -> bool:
+        raise NotImplementedError
+
+    def outcomes(self) -> dict[str, tuple]:
+        raise NotImplementedError
 
 
 class Session:
@@ -120,8 +187,13 @@ class Session:
         self.log = log or (lambda msg: None)
         self.progress = progress
         self.modules: dict[str, Any] = {}
-        self.cache: dict[str, dict[str, float]] = {}
+        self.cache: dict[str, Any] = {}  # grouping key -> scores (or the Pending computing them)
         self.evaluations = 0
+        self.executor: Any = None  # e.g. a RayExecutor: evaluator calls elsewhere, rows kept in order
+        self._queue: list[tuple] = []  # rows (or notes) waiting for earlier pending scores
+        self.prior: dict[str, dict] = {}  # resume: reusable rows of the previous table, by row key
+        self.setting_digest = ""
+        self.reused = 0
         from ..sizes import CostModel
 
         unit_bytes = CostModel(self.models.blockmap).unit_bytes
@@ -132,65 +204,76 @@ class Session:
             "task_specific_bytes": self.models.task_specific_bytes()})
         self._given_ft = finetuned
 
-    # ---- evaluation ------------------------------------------------------------------------
-    def _module(self, task: str):
-        if task not in self.modules:
-            try:
-                module = self.factory(task)
-            except Exception as exc:
-                raise _EvalFailure(f"model_factory '{callable_name(self.factory)}'", task,
-                                   "building the model", exc) from exc
-            if not hasattr(module, "load_state_dict"):
-                raise FlexMergeError(f"model_factory '{callable_name(self.factory)}' returned a "
-                                     f"{type(module).__name__} for task '{task}', not a torch.nn.Module")
-            self.modules[task] = module
-        return self.modules[task]
+    def resume(self, enabled: bool, recalibrate: Any = None) -> None:
+        """Record the sweep's setting in the table and, if ``enabled``, load the rows of the table
+        in ``out`` that it can reuse (:mod:`flexmerge.evaluate.resume`)."""
+        from . import resume
 
+        parts = resume.setting(self.cfg, self.evaluator, self.ev_name, self.factory, recalibrate)
+        self.setting_digest = resume.setting_key(parts)
+        self.result.meta["resume"] = {"setting": parts}
+        if enabled:
+            self.prior = resume.load_prior(self.out, parts, self.log)
+
+    def _row_key(self, *fields: Any) -> str:
+        from .resume import row_key
+
+        return row_key(self.setting_digest, *fields)
+
+    # ---- evaluation ------------------------------------------------------------------------
     def _call(self, task: str, sd: Mapping, where: str) -> float:
-        obj: Any = sd
-        if self.factory is not None:
-            module = self._module(task)
-            try:
-                res = module.load_state_dict(dict(sd), strict=False)
-            except Exception as exc:
-                raise _EvalFailure(f"model_factory '{callable_name(self.factory)}'", task,
-                                   f"{where}: loading the state dict", exc) from exc
-            if res.unexpected_keys:
-                raise FlexMergeError(f"model_factory '{callable_name(self.factory)}': the module for task "
-                                     f"'{task}' has no parameters {sorted(res.unexpected_keys)[:5]} that the "
-                                     "checkpoint has; return the task's own architecture")
-            if res.missing_keys:
-                note = (f"task {task}: the model_factory module has parameters the checkpoint lacks "
-                        f"({', '.join(sorted(res.missing_keys)[:5])}); they keep the module's values")
-                if note not in self.result.notes:
-                    self.result.notes.append(note)
-            obj = module
-            seen = _watch_outputs(module)
-            seen.clear()
-        try:
-            value = self.evaluator(task, obj)
-        except Exception as exc:
-            if self.factory is not None and seen:
-                raise _BadScore(_non_finite_message(where, task, seen[0])) from None
-            raise _EvalFailure(f"evaluator '{self.ev_name}'", task, where, exc) from exc
-        if self.factory is not None and seen:
-            raise _BadScore(_non_finite_message(where, task, seen[0]))
+        score = evaluate_one(self.evaluator, self.ev_name, self.factory, self.modules, task, sd, where,
+                             self.result.notes)
         self.evaluations += 1
-        try:
-            return score_value(value, f"evaluator '{self.ev_name}'", task, where)
-        except FlexMergeError as exc:
-            raise _BadScore(str(exc)) from None
+        return score
 
     def _evaluate_all(self, make_state_dict: Callable[[str], Mapping], where: str) -> dict[str, float]:
         return {t: self._call(t, make_state_dict(t), where) for t in self.tasks}
 
+    def _resolve(self, pending: Pending) -> dict[str, float]:
+        """The scores of ``pending`` (waiting for them), raising the first task's failure as the
+        serial session would have."""
+        if pending.scores is None:
+            outcomes = pending.outcomes()
+            scores = {}
+            for t in self.tasks:
+                out = outcomes[t]
+                for note in out[-2] if out[0] == "error" else out[2]:
+                    if note not in self.result.notes:
+                        self.result.notes.append(note)
+                if out[0] == "error":
+                    if out[1] == "input":
+                        raise FlexMergeError(out[2])
+                    raise _BadScore(out[2], out[4])
+                scores[t] = out[1]
+                self.evaluations += 1
+            pending.scores = scores
+        return pending.scores
+
     def note(self, text: str) -> None:
-        """Record a note in the table once (e.g. a size skipped) and log it."""
+        """Record a note in the table once (e.g. a size skipped) and log it (after the rows still
+        waiting for their scores, so the notes keep the serial order)."""
+        if self._queue:
+            self._queue.append(("note", text))
+        else:
+            self._add_note(text)
+
+    def _add_note(self, text: str) -> None:
         if text not in self.result.notes:
             self.result.notes.append(text)
         self.log(text)
 
     # ---- references ------------------------------------------------------------------------
+    def _reference_scores(self, name: str, make_state_dict: Callable[[str], Mapping], where: str) -> Any:
+        prior = self.prior.get(self._row_key("reference", name))
+        if prior is not None and prior.get("evaluated") and set(prior["scores"]) == set(self.tasks):
+            self.reused += 1
+            self.log(f"{where}: reused from the previous table")
+            return dict(prior["scores"])
+        if self.executor is not None:
+            return self.executor.submit(((t, make_state_dict(t)) for t in self.tasks), where)
+        return self._evaluate_all(make_state_dict, where)
+
     def references(self, zero_shot) -> None:
         m = self.models
         if self._given_ft is not None:
@@ -199,10 +282,10 @@ class Session:
                 raise FlexMergeError(f"finetuned scores lack tasks {missing}; give a score for every task")
             ft = {t: score_value(self._given_ft[t], "finetuned scores", t, "given") for t in self.tasks}
         else:
-            ft = self._evaluate_all(lambda t: {n: m.tasks[t].get(n) for n in m.tasks[t].names()},
-                                    "fine-tuned checkpoint")
-        self.result.finetuned = ft
-        self._reference_row("fine-tuned", ft, len(self.tasks), evaluated=self._given_ft is None)
+            ft = self._reference_scores("fine-tuned", lambda t: {n: m.tasks[t].get(n) for n in m.tasks[t].names()},
+                                        "fine-tuned checkpoint")
+        # queued like the rows: with an executor the merging goes on while the references are evaluated
+        self._queue.append(("ref", "fine-tuned", ft, len(self.tasks), self._given_ft is None))
         zs = None
         if isinstance(zero_shot, Mapping):
             missing = [t for t in self.tasks if t not in zero_shot]
@@ -210,11 +293,10 @@ class Session:
                 raise FlexMergeError(f"zero_shot scores lack tasks {missing}; give a score for every task")
             zs = {t: score_value(zero_shot[t], "zero_shot scores", t, "given") for t in self.tasks}
         elif zero_shot:
-            zs = self._evaluate_all(self._zero_shot_state_dict, "zero-shot")
-        self.result.zero_shot = zs
+            zs = self._reference_scores("zero-shot", self._zero_shot_state_dict, "zero-shot")
         if zs is not None:
-            self._reference_row("zero-shot", zs, 1, evaluated=not isinstance(zero_shot, Mapping))
-        self.save()
+            self._queue.append(("ref", "zero-shot", zs, 1, not isinstance(zero_shot, Mapping)))
+        self.flush(block=False)
 
     def _zero_shot_state_dict(self, task: str) -> dict:
         """Pretrained weights for every merged tensor, the task's own task-specific tensors."""
@@ -227,10 +309,10 @@ class Session:
         unit = self.result.meta["unit_bytes"]
         self._add_row(run="reference", method=name, params={}, order=None, linkage=None, seed=None,
                       requested=None, units=float(units), nbytes=units * unit, steps=None, scores=scores,
-                      evaluated=evaluated, note="")
+                      evaluated=evaluated, note="", key=self._row_key("reference", name))
 
     def _add_row(self, *, run, method, params, order, linkage, seed, requested, units, nbytes, steps,
-                 scores, evaluated, note) -> dict:
+                 scores, evaluated, note, key=None) -> dict:
         ft = self.result.finetuned
         norm_scores = {t: (scores[t] / ft[t] if ft.get(t) is not None and ft[t] > 0 and math.isfinite(ft[t])
                            else None) for t in self.tasks}
@@ -245,11 +327,14 @@ class Session:
                "steps": steps, "scores": dict(scores), "average": _mean(scores.values()),
                "normalized": normalized, "normalized_scores": norm_scores, "evaluated": bool(evaluated),
                "note": note}
+        if key is not None:
+            row["key"] = key
         self.result.rows.append(row)
         return row
 
     def save(self) -> None:
         self.result.meta["evaluations"] = self.evaluations
+        self.result.meta["reused_rows"] = self.reused
         if self.out is not None:
             self.result.write(self.out)
 
@@ -265,7 +350,9 @@ class Session:
         return h.hexdigest()
 
     def run(self, *, fm, grouping, plan, method_name, params, run, order, linkage, seed, requested,
-            note="") -> dict:
+            note="") -> dict | None:
+        """Evaluate (or reuse) one row. Returns the row, or None while its scores are pending on an
+        executor (it is then added, in order, by :meth:`flush`)."""
         method_key = json.dumps([fm.method.describe(), fm.method.seed if fm.method.randomized else None],
                                 sort_keys=True, default=str)
         key = self.grouping_key(method_key, fm.blockmap, grouping)
@@ -276,23 +363,83 @@ class Session:
                 (f", seed {seed})" if seed is not None else ")")
         elif run != "main":
             where += f" ({run}{': ' + note if note else ''})"
-        if key == "original":
-            scores, evaluated = dict(self.result.finetuned), False
+        row_key = self._row_key(run, method_name, params, order, linkage, seed, requested, note, key)
+        prior = self.prior.get(row_key)
+        how = ""
+        if prior is not None and set(prior["scores"]) == set(self.tasks):
+            scores, evaluated, how = dict(prior["scores"]), bool(prior.get("evaluated")), " (from the previous table)"
+            self.reused += 1
+            if key != "original":
+                self.cache.setdefault(key, scores)
+        elif key == "original":  # the fine-tuned scores (perhaps still pending: taken when the row is added)
+            scores, evaluated = "finetuned", False
         elif key in self.cache:
             scores, evaluated = self.cache[key], False
         else:
+            if self.executor is not None:
+                self._wait_for_room()
             bundle = fm.merge(grouping=grouping, plan=plan)
-            scores = self._evaluate_all(bundle.state_dict, where)
+            if self.executor is not None:
+                scores = self.executor.submit(bundle, where)
+            else:
+                scores = self._evaluate_all(bundle.state_dict, where)
             del bundle
             self.cache[key] = scores
             evaluated = True
-        row = self._add_row(run=run, method=method_name, params=params, order=order, linkage=linkage,
-                            seed=seed, requested=requested, units=grouping.size_units,
-                            nbytes=grouping.size_bytes, steps=grouping.steps, scores=scores,
-                            evaluated=evaluated, note=note)
-        norm = row["normalized"]
-        self.log(f"{where}: average {row['average']:.4f}"
-                 + (f", normalized {norm:.4f}" if norm is not None else "")
-                 + ("" if evaluated else " (reused)"))
-        self.save()
+        fields = dict(run=run, method=method_name, params=params, order=order, linkage=linkage, seed=seed,
+                      requested=requested, units=grouping.size_units, nbytes=grouping.size_bytes,
+                      steps=grouping.steps, evaluated=evaluated, note=note, key=row_key)
+        self._queue.append(("row", fields, scores, where, how))
+        row = self.flush(block=False)
+        return None if self._queue else row
+
+    def _wait_for_room(self) -> None:
+        """Before merging another model: wait (in row order) while the executor already has its
+        ``max_pending`` merged models in flight."""
+        while True:
+            pending = {id(item[2]) for item in self._queue
+                       if item[0] == "row" and isinstance(item[2], Pending) and item[2].scores is None}
+            if len(pending) < self.executor.max_pending:
+                return
+            self.flush(block=True, count=1)
+
+    def flush(self, block: bool = True, count: int | None = None) -> dict | None:
+        """Add the queued rows whose scores are known, in order (all of them with ``block``, waiting;
+        ``count``: at most that many rows); return the last row added."""
+        row = None
+        added = 0
+        while self._queue and (count is None or added < count):
+            item = self._queue[0]
+            if item[0] == "note":
+                self._queue.pop(0)
+                self._add_note(item[1])
+                continue
+            scores = item[2]
+            if isinstance(scores, Pending):
+                if scores.scores is None and not block and not scores.ready():
+                    break
+                scores = self._resolve(scores)
+                for k, v in list(self.cache.items()):
+                    if v is item[2]:
+                        self.cache[k] = scores
+            self._queue.pop(0)
+            if item[0] == "ref":
+                _, name, _, units, evaluated = item
+                if name == "fine-tuned":
+                    self.result.finetuned = scores
+                else:
+                    self.result.zero_shot = scores
+                self._reference_row(name, scores, units, evaluated)
+                self.save()
+                continue
+            _, fields, _, where, how = item
+            if scores == "finetuned":
+                scores = dict(self.result.finetuned)
+            row = self._add_row(scores=scores, **fields)
+            norm = row["normalized"]
+            self.log(f"{where}: average {row['average']:.4f}"
+                     + (f", normalized {norm:.4f}" if norm is not None else "")
+                     + (how or ("" if row["evaluated"] else " (reused)")))
+            self.save()
+            added += 1
         return row

@@ -12,7 +12,7 @@ from ..errors import FlexMergeError
 from .arguments import (CHANNEL_MERGING, LINKAGES, ORDERS, _check_methods, _method_name, _parse_seeds,
                         parse_list, parse_sizes)
 from .session import Evaluator, Session, _EvalFailure
-from .table import CSV_NAME, SweepResult
+from .table import CSV_NAME, SweepResult, check_out
 from .user_code import callable_name
 
 
@@ -25,7 +25,8 @@ def sweep(config: Any, methods: Sequence[Any] | str | None, sizes: Sequence[floa
           log: Callable[[str], None] | None = None, progress: bool = False,
           evaluator_name: str | None = None, validation_evaluator: Evaluator | None = None,
           calibration_budget: int | None = None, validation_evaluator_name: str | None = None,
-          recalibrate: Any = None) -> SweepResult:
+          recalibrate: Any = None, resume: bool = True, ray: bool = False, ray_address: str | None = None,
+          ray_options: Mapping[str, Any] | None = None) -> SweepResult:
     """Evaluate every method at every size (and the ablation runs); return the table.
 
     ``config``: merge config (YAML path, dict or MergeConfig). ``methods``: names, ``{name, **params}``
@@ -46,6 +47,13 @@ def sweep(config: Any, methods: Sequence[Any] | str | None, sizes: Sequence[floa
     rows (:mod:`flexmerge.evaluate.calibrate`); ``validation_evaluator_name`` names it in messages. ``recalibrate``: a
     :class:`~flexmerge.recalibrate.Recalibration`: every merged model's BatchNorm statistics are
     re-estimated on data before it is evaluated (not the fine-tuned references, nor ``calibrated`` rows).
+    ``resume``: reuse the finished rows of the table already in ``out`` that come from the same
+    setting (an interrupted sweep continues where it stopped; :mod:`flexmerge.evaluate.resume`);
+    ``False`` evaluates every row again. ``ray`` / ``ray_address``: run the evaluator calls as Ray
+    tasks (:mod:`flexmerge.evaluate.distributed`; the Ray session already initialised in this
+    process, else the cluster at ``ray_address``, else a local one started and shut down here);
+    ``ray_options``: extra ``.options()`` of each call, e.g. ``{"num_gpus": 1}``, or
+    ``{"max_retries": 0}`` (a call whose worker dies is retried 3 times by default).
     """
     from ..engine import FlexMerge
 
@@ -56,6 +64,13 @@ def sweep(config: Any, methods: Sequence[Any] | str | None, sizes: Sequence[floa
     seed_list = _parse_seeds(seeds)
     if "random" in order_list and not seed_list:
         raise FlexMergeError("order 'random' needs at least one seed; pass e.g. --seeds 0,1,2")
+    use_ray = bool(ray) or ray_address is not None
+    if use_ray:
+        from .distributed import import_ray
+
+        import_ray()  # not installed: one line naming the extra, before any work
+    if out is not None:
+        check_out(out)  # a curve.csv/curve.json of the user's own: refuse before any evaluation
     st = Session(config, evaluator, model_factory, finetuned, zero_shot, out, log, progress)
     if validation_evaluator is not None:
         from .calibrate import check_budget
@@ -108,7 +123,14 @@ def sweep(config: Any, methods: Sequence[Any] | str | None, sizes: Sequence[floa
     st.result.meta.update({"methods": [m if isinstance(m, (str, dict)) else _method_name(m) for m in method_specs],
                            "sizes": size_list, "orders": order_list, "linkages": linkage_list,
                            "seeds": seed_list, "ablation_methods": [_method_name(m) for m in ablation_specs]})
+    st.resume(resume, recalibrate)
     opened: list = []  # every job's FlexMerge, closed (open checkpoint files) when the sweep ends
+    if use_ray:
+        from .distributed import RayExecutor
+
+        st.executor = RayExecutor(address=ray_address, options=ray_options, log=st.log)
+        st.executor.start(evaluator, st.ev_name, model_factory, len(st.tasks))
+        st.result.meta["ray"] = st.executor.describe()
     try:
         st.references(zero_shot)
         shared_grams = None
@@ -162,10 +184,12 @@ def sweep(config: Any, methods: Sequence[Any] | str | None, sizes: Sequence[floa
                 calibrated_runs(st, spec, size_list, validation_evaluator, calibration_budget,
                                 model_factory=model_factory, progress=progress,
                                 evaluator_name=validation_evaluator_name)
+        st.flush()
         st.result.complete = True
     except _EvalFailure as exc:
         st.save()
-        where = (f"; the partial table ({len(st.result.rows)} rows) is in {Path(out) / CSV_NAME}" if out is not None
+        where = (f"; the partial table ({len(st.result.rows)} rows) is in {Path(out) / CSV_NAME} (rerun the sweep "
+                 "to continue from it)" if out is not None
                  else "; the partial table is attached to this error as .partial")
         err = FlexMergeError(exc.message + where)
         err.partial = st.result  # type: ignore[attr-defined]
@@ -174,8 +198,12 @@ def sweep(config: Any, methods: Sequence[Any] | str | None, sizes: Sequence[floa
         st.save()
         raise
     finally:
+        if st.executor is not None:
+            st.executor.close()
         for job in opened:
             job.close()
+    if st.prior or st.reused:
+        st.log(f"resumed: {st.reused} rows reused from the previous table, {st.evaluations} evaluator calls made")
     st.result.meta["seconds"] = round(time.perf_counter() - t0, 3)
     st.save()
     if out is not None and plots:

@@ -36,6 +36,16 @@ def _is_curve_csv(path: Path) -> bool:
     return first.startswith(",".join(CSV_FIELDS))
 
 
+def check_out(out: str | os.PathLike) -> None:
+    """Refuse, before any evaluation, an output directory whose ``curve.csv`` or ``curve.json``
+    flexmerge did not write (the same rule as :meth:`SweepResult.write`)."""
+    from ..outputs import check_target
+
+    root = Path(out).expanduser()
+    check_target(root / CSV_NAME, what="curve table", replaceable=_is_curve_csv)
+    check_target(root / JSON_NAME, what="curve table", replaceable=lambda p: json_format_of(p) == CURVE_FORMAT)
+
+
 @dataclass
 class SweepResult:
     """The table of one sweep: reference levels, one row per (run, method, size), notes."""

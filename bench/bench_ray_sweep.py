@@ -1,0 +1,79 @@
+"""Benchmark: a sweep's wall time, serial vs Ray (flexmerge.evaluate.distributed), same table.
+
+Issue 14, "Sweeps on Ray": with two one-CPU workers on a 2-core machine the Ray sweep should take
+at most the serial sweep's wall time. Synthetic tasks (base + noise, a tiny two-layer model) and an
+evaluator that does ``--work`` 256x256 matrix products per call on one torch thread stand in for
+a real evaluator's cost. Prints the evaluator calls, the serial sweep's seconds, Ray's start-up
+seconds and the Ray sweep's seconds (and their ratios), and checks that both tables are equal.
+
+    python bench/bench_ray_sweep.py --work 0 300 [--cpus 2] [--tasks 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+
+def write_tasks(root: Path, n: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    base = {f"layer{i}.weight": torch.randn(64, 64, generator=g) for i in range(2)}
+    save_file(base, str(root / "base.safetensors"))
+    tasks = {}
+    for t in range(n):
+        ft = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        tasks[f"t{t}"] = str(root / f"t{t}.safetensors")
+        save_file(ft, tasks[f"t{t}"])
+    return {"base": str(root / "base.safetensors"), "tasks": tasks}
+
+
+def make_evaluator(work: int):
+    def evaluate(task, sd):
+        torch.set_num_threads(1)
+        x = torch.ones(256, 256)
+        for _ in range(work):
+            x = (x @ x) / 256
+        return float(sum(float(v.double().sum()) for v in sd.values()) % 1)
+    return evaluate
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=int, nargs="+", default=[0, 300])
+    ap.add_argument("--cpus", type=int, default=2)
+    ap.add_argument("--tasks", type=int, default=3)
+    a = ap.parse_args()
+    import ray
+
+    from flexmerge.evaluate import sweep
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        cfg = write_tasks(root, a.tasks)
+        methods, sizes = ["task_arithmetic", "ties"], [1, 1.5, 2, 2.5]  # 2 methods x 4 sizes
+        for work in a.work:
+            ev = make_evaluator(work)
+            t0 = time.perf_counter()
+            serial = sweep(cfg, methods, sizes, ev, out=root / f"s{work}", plots=False, resume=False, zero_shot=True)
+            t1 = time.perf_counter()
+            ray.init(address="local", num_cpus=a.cpus, include_dashboard=False, logging_level="WARNING")
+            t2 = time.perf_counter()
+            got = sweep(cfg, methods, sizes, ev, out=root / f"r{work}", plots=False, resume=False, zero_shot=True,
+                        ray=True)
+            t3 = time.perf_counter()
+            ray.shutdown()
+            same = [r["scores"] for r in got.rows] == [r["scores"] for r in serial.rows]
+            s, i, r = t1 - t0, t2 - t1, t3 - t2
+            print(f"work {work}: {serial.meta['evaluations']} calls; serial {s:.2f} s; ray start {i:.2f} s, "
+                  f"ray sweep {r:.2f} s (ratio {r / s:.2f}; with start {(r + i) / s:.2f}); same table: {same}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
