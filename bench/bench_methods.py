@@ -12,6 +12,9 @@ Then, for ``consensus`` and ``emr``, the rebuild latency of one task into a prea
 against the time of one forward pass (batch 32 x 64 tokens) of the same model.
 
     python bench/bench_methods.py [--methods ties,emr] [--sizes 1,2,8] [--dir DIR]
+    python bench/bench_methods.py --methods "tsv;wudi;wudi:solver=closed_form;doge;larv:inner=iso_c" --sizes 1
+
+A method is a name or, with ``;`` between methods, ``name:key=value,key=value`` (values as YAML).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from bench_plan import make_models  # noqa: E402
 CHILD_PLAN = r"""
 import json, sys, time, resource
 from flexmerge.engine import FlexMerge
-cfg, method, out = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+cfg, method, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
 t0 = time.perf_counter()
 fm = FlexMerge(cfg, method=method)
 plan = fm.plan()
@@ -42,7 +45,7 @@ CHILD_MERGE = r"""
 import json, sys, time, resource, shutil
 from flexmerge.engine import FlexMerge
 from flexmerge.plan import Plan
-cfg, method, plan_path, size, out = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], float(sys.argv[4]), sys.argv[5]
+cfg, method, plan_path, size, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3], float(sys.argv[4]), sys.argv[5]
 fm = FlexMerge(cfg, method=method)
 fm.use_plan(Plan.load(plan_path))
 t0 = time.perf_counter()
@@ -87,6 +90,21 @@ def child(code: str, *args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def parse_methods(text: str) -> list[tuple[str, dict | str]]:
+    """``"ties,emr"`` or ``"tsv;wudi:solver=closed_form"`` -> ``[(label, spec), ...]``."""
+    import yaml
+
+    out = []
+    for item in filter(None, (m.strip() for m in text.split(";" if ";" in text else ","))):
+        name, _, rest = item.partition(":")
+        spec: dict = {"name": name}
+        for kv in filter(None, (p.strip() for p in rest.split(","))):
+            k, _, v = kv.partition("=")
+            spec[k.strip()] = yaml.safe_load(v)
+        out.append((item.replace(":", " ").replace(",", " "), spec if len(spec) > 1 else name))
+    return out
+
+
 def main() -> None:
     from flexmerge.methods import available_methods
 
@@ -101,24 +119,24 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="flexmerge-bench-methods-"))
     sizes = [float(s) for s in args.sizes.split(",")]
     print(f"{args.tasks} synthetic tasks of a 22.7M-parameter BERT; bundles in {work}")
-    print(f"{'method':16s} {'plan s':>7s} {'size':>6s} {'units':>7s} {'merge s':>8s} {'peak RSS MiB':>13s}")
+    print(f"{'method':28s} {'plan s':>7s} {'size':>6s} {'units':>7s} {'merge s':>8s} {'peak RSS MiB':>13s}")
     bundles: dict[str, dict[str, str]] = {}
-    for method in args.methods.split(","):
-        plan_path = work / f"{method}-plan.json"
+    for method, spec in parse_methods(args.methods):
+        plan_path = work / f"{method.replace(' ', '_')}-plan.json"
         try:
-            p = child(CHILD_PLAN, cfg, method, str(plan_path))
+            p = child(CHILD_PLAN, cfg, json.dumps(spec), str(plan_path))
         except RuntimeError as exc:
             print(f"{method:16s} plan failed: {exc}")
             continue
         todo = sorted({max(s, p["min_units"]) for s in sizes if s >= 1})
         for size in todo:
-            out = work / f"{method}-{size:g}"
+            out = work / f"{method.replace(' ', '_')}-{size:g}"
             try:
-                r = child(CHILD_MERGE, cfg, method, str(plan_path), repr(size), str(out))
+                r = child(CHILD_MERGE, cfg, json.dumps(spec), str(plan_path), repr(size), str(out))
             except RuntimeError as exc:
                 print(f"{method:16s} {'':>7s} {size:>6.3g} failed: {exc}")
                 continue
-            print(f"{method:16s} {p['seconds']:>7.1f} {size:>6.3g} {r['units']:>7.3f} {r['seconds']:>8.1f} "
+            print(f"{method:28s} {p['seconds']:>7.1f} {size:>6.3g} {r['units']:>7.3f} {r['seconds']:>8.1f} "
                   f"{r['peak_rss'] / 2**20:>13.0f}", flush=True)
             bundles.setdefault(method, {})[repr(size)] = str(out)
     if not args.no_rebuild:

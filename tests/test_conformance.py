@@ -64,7 +64,9 @@ def expected_weights(cfg: dict, spec: dict, seed: int, grouping: Grouping, block
     names = [n for b in blocks for n in b.params]
     taus = {n: torch.stack([ft[n].float() - base[n].float() for ft in fts]) for n in names}
     if method.has_global_pass:
-        method.global_pass(lambda: iter(taus.items()), N)
+        stream = lambda: iter(taus.items())  # noqa: E731
+        stream.base = lambda n: base[n].float()  # the pretrained tensors, as the engine's stream has
+        method.global_pass(stream, N)
     if method.transforms:
         taus = {n: method.transform(n, t) for n, t in taus.items()}
     tasks = list(cfg["tasks"])

@@ -164,11 +164,12 @@ def test_seed_range_ends_are_accepted(job):
 
 
 def numeric_fields(name: str) -> list[tuple[str, object]]:
-    """(name as the user writes it, pydantic field) of every float parameter of a method."""
+    """(name as the user writes it, pydantic field) of every float parameter of a method (lists
+    of floats, e.g. ``larv``'s ``levels``, are checked by :func:`test_float_list_parameters_reject_nonsense`)."""
     out = []
     for key, f in method_class(name).Params.model_fields.items():
         args = typing.get_args(f.annotation) or (f.annotation,)
-        if float in args:
+        if float in args and typing.get_origin(f.annotation) is not list:
             out.append((f.alias or key, f))
     return out
 
@@ -189,6 +190,20 @@ def test_every_numeric_parameter_rejects_nonsense(job, capsys, method, param):
     for value, needle in BAD_NUMBERS:
         one_line_error(capsys, ["merge", cfg, "-m", method, "--set", f"{param}={value}", "--size", "2",
                                 "-o", root / "out"], root, f"method '{method}'", f"'{param}'", needle)
+
+
+FLOAT_LISTS = [(m, f.alias or k) for m in available_methods()
+               for k, f in method_class(m).Params.model_fields.items()
+               if typing.get_origin(f.annotation) is list and typing.get_args(f.annotation) == (float,)]
+
+
+@pytest.mark.parametrize("method,param", FLOAT_LISTS)
+def test_float_list_parameters_reject_nonsense(job, capsys, method, param):
+    root, cfg = job
+    for value, needle in [("[.inf, 1]", "inf"), ("[.nan, 1]", "nan"), ("[1e39, 1]", "1e+39"), ("[-1, 1]", "-1"),
+                          ("[abc, 1]", "abc"), ("inf", "list"), ("[1]", "got 1")]:
+        one_line_error(capsys, ["merge", cfg, "-m", method, "--set", f"{param}={value}", "--size", "2",
+                                "-o", root / "out"], root, f"method '{method}'", f"parameter '{param}", needle)
 
 
 @pytest.mark.parametrize("method", available_methods())

@@ -146,10 +146,12 @@ class ModelSet:
 
     def task_vector_stream(self, chunk_elems: int | None = None):
         """A :data:`~flexmerge.methods.base.TaskVectorStream` for methods' global passes
-        (large tensors as flat chunks when ``chunk_elems`` is given)."""
+        (large tensors as flat chunks when ``chunk_elems`` is given). Its ``base(name)`` gives a
+        pretrained tensor in float32, for methods whose pass needs it (``larv``)."""
         def start():
             for name, _base, taus in self.stream(chunk_elems=chunk_elems):
                 yield name, taus
+        start.base = lambda name: self.base.get(name).to(torch.float32)
         return start
 
     def close(self) -> None:

@@ -8,7 +8,7 @@ import importlib
 
 METHOD_MODULES = (
     "average", "ties", "dare", "pcb", "tsv", "consensus", "emr", "breadcrumbs", "magmax", "iso",
-    "wudi",
+    "wudi", "doge", "larv",
 )
 
 for _module in METHOD_MODULES:
