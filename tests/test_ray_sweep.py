@@ -105,6 +105,7 @@ def test_ray_missing_is_one_line(monkeypatch, tmp_path, capsys):
     assert not (tmp_path / "c").exists()
 
 
+@pytest.mark.slow  # starts a Ray cluster (about 10 s)
 def test_cli_ray_starts_and_stops_its_own_cluster(serial, tmp_path, capsys):
     ray = pytest.importorskip("ray", reason="ray is not installed: pip install -e '.[ray]'")
     from flexmerge import cli
@@ -153,6 +154,7 @@ def test_unreachable_address_is_one_line_and_writes_nothing(serial, tmp_path):
     assert not (tmp_path / "o").exists() and not ray.is_initialized()
 
 
+@pytest.mark.slow  # starts a Ray cluster (about 10 s)
 def test_ray_sweep_equals_serial(cluster, serial, tmp_path):
     cfg, res, serial_out = serial
     got = run(cfg, toy_evaluator(cfg), tmp_path / "o", ray=True)
@@ -162,6 +164,7 @@ def test_ray_sweep_equals_serial(cluster, serial, tmp_path):
     assert got.meta["ray"]["cpus"] == 2 and cluster.is_initialized()  # a session it did not start stays
 
 
+@pytest.mark.slow  # starts a Ray cluster (about 10 s)
 def test_killed_worker_is_retried_and_the_table_complete(cluster, serial, tmp_path):
     cfg, res, _ = serial
     marker = tmp_path / "died"
@@ -170,6 +173,7 @@ def test_killed_worker_is_retried_and_the_table_complete(cluster, serial, tmp_pa
     assert table(got) == table(res) and got.complete
 
 
+@pytest.mark.slow  # starts a Ray cluster (about 10 s)
 def test_interrupted_ray_sweep_resumes(cluster, serial, tmp_path):
     cfg, res, serial_out = serial
     n = len(cfg["tasks"])
@@ -210,6 +214,7 @@ def module_like(sd):
     return root
 
 
+@pytest.mark.slow  # starts a Ray cluster (about 10 s)
 def test_model_factory_in_workers(cluster, serial, tmp_path):
     cfg, res, _ = serial
     ev = toy_evaluator(cfg)
@@ -230,6 +235,7 @@ def test_model_factory_in_workers(cluster, serial, tmp_path):
     assert len(lines) == len(set(lines)) < got.meta["evaluations"]  # once per (worker, task), then reused
 
 
+@pytest.mark.slow  # starts a Ray cluster (about 10 s)
 def test_worker_dying_every_time_is_a_one_line_error(cluster, serial, tmp_path):
     cfg, res, _ = serial
 

@@ -115,7 +115,8 @@ def test_projection_keeps_delta_off_the_shared_subspace():
                                atol=1e-12, rtol=1e-6)
 
 
-@pytest.mark.parametrize("g,shape,subspace", [(3, (12, 18), 6), (2, (20, 12), 4), (4, (8, 8), 2), (8, (24, 16), 6)])
+@pytest.mark.parametrize("g,shape,subspace", [(3, (12, 18), 6), pytest.param(2, (20, 12), 4, marks=pytest.mark.slow),
+                                               (4, (8, 8), 2), pytest.param(8, (24, 16), 6, marks=pytest.mark.slow)])
 def test_projected_adam_matches_fusion_benchs_loop(g, shape, subspace):
     taus = _randn(g, *shape, seed=20 + g)
     lams = doge_lambdas(taus, 0.07)
