@@ -66,7 +66,8 @@ def _rows(path: Path) -> list[dict]:
     f = path / "curve.json"
     if not f.is_file():
         return []
-    return [r for r in json.loads(f.read_text())["rows"] if r["run"] == "main" and r.get("average") is not None]
+    return [r for r in json.loads(f.read_text())["rows"]
+            if r["run"] == "main" and r.get("average") is not None and r["requested_size"] != "min"]
 
 
 def summarize(a) -> int:
