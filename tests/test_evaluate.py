@@ -14,6 +14,7 @@ from flexmerge.engine import FlexMerge
 from flexmerge.errors import FlexMergeError
 from flexmerge.evaluate import SweepResult, load_callable, parse_sizes, sweep
 from flexmerge.plots import plot_all
+from helpers import module_like
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -195,19 +196,6 @@ def test_model_factory_gets_a_loaded_module(bert_set):
     assert built == ["t0", "t1", "t2"]  # once per task, then reused
     assert [r["scores"] for r in res.rows] == [r["scores"] for r in ref.rows]
 
-
-def module_like(sd):
-    """An nn.Module whose parameters have exactly the names of ``sd``."""
-    root = torch.nn.Module()
-    for name, t in sd.items():
-        *path, leaf = name.split(".")
-        mod = root
-        for part in path:
-            if not hasattr(mod, part):
-                mod.add_module(part, torch.nn.Module())
-            mod = getattr(mod, part)
-        mod.register_parameter(leaf, torch.nn.Parameter(torch.zeros_like(t), requires_grad=False))
-    return root
 
 
 def test_load_callable_errors(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 import torch
-from helpers import one_thread  # noqa: F401  (one torch thread, as in the one-CPU workers)
+from helpers import module_like, one_thread  # noqa: F401  (one torch thread, as in the one-CPU workers)
 from safetensors.torch import load_file
 
 from flexmerge.errors import FlexMergeError
@@ -199,19 +199,6 @@ def test_interrupted_ray_sweep_resumes(cluster, serial, tmp_path):
     assert len(log.read_text().split("\n")) - 1 == got.meta["evaluations"] == n * len(missing) > 0
     assert got.meta["reused_rows"] == len(partial.rows)
 
-
-def module_like(sd):
-    """An nn.Module whose parameters have exactly the names of ``sd``."""
-    root = torch.nn.Module()
-    for name, t in sd.items():
-        *path, leaf = name.split(".")
-        mod = root
-        for part in path:
-            if not hasattr(mod, part):
-                mod.add_module(part, torch.nn.Module())
-            mod = getattr(mod, part)
-        mod.register_parameter(leaf, torch.nn.Parameter(torch.zeros_like(t), requires_grad=False))
-    return root
 
 
 @pytest.mark.slow  # starts a Ray cluster (about 10 s)
