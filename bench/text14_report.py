@@ -21,6 +21,9 @@ same cache (text8's checkpoints are reused; only the six new tasks are trained).
   merged model, at sizes 1, 2, 4 and 8 (the experts themselves), against the best fine-tuned expert
   with the same probe.
 
+The section "Sweeps on Ray" renders ``text14/ray.json``, the figures printed by
+``python bench/bench_ray_sweep.py --text8``.
+
 Each part writes under ``docs/results/text14/`` (sweep tables ``scaling-n8/``, ``scaling-n14/``,
 ``ood.json``, ``meta.json``); ``--summarize`` needs only those files.
 """

@@ -184,4 +184,15 @@ def summarize(out: Path, doc: Path) -> None:
                       "carry over to this 6-layer text encoder with linear probes."]
         _plot_ood(ood, out / "ood.png")
         lines += ["", "![ood](text14/ood.png)", "", "Per-branch accuracies: `text14/ood.json`.", ""]
+    ray = _load(out / "ray.json")
+    if ray:
+        lines += ["## Sweeps on Ray", "",
+                  f"`{ray['command']}` ({ray['date']}): {ray['setting']}; {ray['workers']}. "
+                  f"{ray['evaluator_calls']} evaluator calls: serial {ray['serial_s']:.1f} s, Ray "
+                  f"{ray['ray_sweep_s']:.1f} s plus {ray['ray_start_s']:.1f} s to start the local cluster "
+                  f"(ratio {ray['ray_sweep_s'] / ray['serial_s']:.2f}, "
+                  f"{(ray['ray_sweep_s'] + ray['ray_start_s']) / ray['serial_s']:.2f} with the start); "
+                  f"identical `curve.csv`: {'yes' if ray['same_curve_csv'] else 'NO'}. On these 2 cores Ray "
+                  "cannot add compute; its overhead is what this measures (the target is a ratio of at most 1.0, "
+                  "not met).", ""]
     doc.write_text("\n".join(lines) + "\n")
