@@ -9,6 +9,10 @@ import textwrap
 
 import pytest
 import torch
+from unittest import mock
+
+import flexmerge.engine as engine
+from flexmerge.materialize import materialize
 from helpers import module_like, one_thread  # noqa: F401  (one torch thread, as in the one-CPU workers)
 from safetensors.torch import load_file
 
@@ -157,7 +161,19 @@ def test_unreachable_address_is_one_line_and_writes_nothing(serial, tmp_path):
 @pytest.mark.slow  # starts a Ray cluster (about 10 s)
 def test_ray_sweep_equals_serial(cluster, serial, tmp_path):
     cfg, res, serial_out = serial
-    got = run(cfg, toy_evaluator(cfg), tmp_path / "o", ray=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen = []
+
+    def counting(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return materialize(*args, **kwargs)
+
+    with mock.patch.object(engine, "materialize", counting):
+        got = run(cfg, toy_evaluator(cfg), tmp_path / "o", ray=True)
+    # the driver merged on one thread beside the workers, then got its own setting back
+    assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+    torch.set_num_threads(threads)
     assert table(got) == table(res)
     assert got.meta["evaluations"] == res.meta["evaluations"] > 0
     assert (tmp_path / "o" / "curve.csv").read_bytes() == (serial_out / "curve.csv").read_bytes()
