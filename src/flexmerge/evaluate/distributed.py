@@ -18,8 +18,9 @@ the rows in the serial order as their scores arrive, so the table equals the ser
   cluster needs the same paths, or the module installed).
 * Threads: on a local cluster the driver merges on one torch thread while the sweep runs (then
   restores its setting): its merges share the cores with the one-CPU workers. Measured on text8
-  (2 cores, ``bench/bench_ray_sweep.py --text8``, 64 evaluator calls): Ray 1.12x the serial
-  sweep's time with the driver on torch's 2 threads, 0.92x with one.
+  (2 cores, ``bench/bench_ray_sweep.py --text8``, 64 evaluator calls, one run each): Ray 1.12x
+  the serial sweep's time with the driver on torch's 2 threads; with one, 0.92x and 1.14x in two
+  runs whose serial baselines differed by 19% (144 s and 121 s), so no gain is shown yet.
 * Cluster: a Ray session already initialised in this process is used as is; otherwise
   ``ray.init(address)`` joins the cluster at ``address`` or, without one, starts a local cluster;
   either is shut down (disconnected) when the sweep ends.
