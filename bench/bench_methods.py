@@ -91,17 +91,15 @@ def child(code: str, *args: str) -> dict:
 
 
 def parse_methods(text: str) -> list[tuple[str, dict | str]]:
-    """``"ties,emr"`` or ``"tsv;wudi:solver=closed_form"`` -> ``[(label, spec), ...]``."""
-    import yaml
+    """``"ties,emr"`` or ``"tsv;wudi:solver=closed_form"`` -> ``[(label, spec), ...]``; the
+    parameters are parsed as ``flexmerge merge --set`` parses them."""
+    from flexmerge.config import parse_assignments
 
     out = []
     for item in filter(None, (m.strip() for m in text.split(";" if ";" in text else ","))):
         name, _, rest = item.partition(":")
-        spec: dict = {"name": name}
-        for kv in filter(None, (p.strip() for p in rest.split(","))):
-            k, _, v = kv.partition("=")
-            spec[k.strip()] = yaml.safe_load(v)
-        out.append((item.replace(":", " ").replace(",", " "), spec if len(spec) > 1 else name))
+        params = parse_assignments([p.strip() for p in rest.split(",") if p.strip()])
+        out.append((item.replace(":", " ").replace(",", " "), {"name": name, **params} if params else name))
     return out
 
 

@@ -21,8 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = "1,1.5,2,3,4,6"
 OUT = ROOT / "docs" / "results" / "text8-methods"
@@ -32,14 +30,12 @@ REFERENCE_RUNS = {"tsv": ROOT / "docs" / "results" / "text8-planners" / "distort
 
 
 def parse_spec(text: str) -> tuple[str, dict]:
-    """``"larv:inner=iso_c,alpha=1"`` -> ``("larv-inner=iso_c-alpha=1", {"name": "larv", ...})``."""
+    """``"larv:inner=iso_c,alpha=1"`` -> ``("larv-inner=iso_c-alpha=1", {"name": "larv", ...})``;
+    the parameters are parsed as ``flexmerge merge --set`` parses them."""
+    from flexmerge.config import parse_assignments
+
     name, _, rest = text.strip().partition(":")
-    spec: dict = {"name": name.strip()}
-    for item in filter(None, (p.strip() for p in rest.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise SystemExit(f"error: method spec {text!r}: '{item}' is not key=value")
-        spec[key.strip()] = yaml.safe_load(value)
+    spec: dict = {"name": name.strip(), **parse_assignments([p.strip() for p in rest.split(",") if p.strip()])}
     label = "-".join([spec["name"]] + [f"{k}={v}" for k, v in spec.items() if k != "name"])
     return label, spec
 
