@@ -191,3 +191,16 @@ def test_cli_resume_and_no_resume(bert_set, tmp_path, capsys):
         os.environ.pop("STOP_AT", None)
         if not present:
             cli.app.registered_commands[:] = [c for c in cli.app.registered_commands if c.callback is not curve]
+
+
+def test_messages_of_curve_name_its_own_options(tmp_path):
+    """curve has no --force, and an interrupted curve keeps its finished rows: the messages say so."""
+    from flexmerge.cli import _left_behind
+    from flexmerge.evaluate.table import check_out
+
+    (tmp_path / "curve.json").write_text("{}")
+    with pytest.raises(FlexMergeError) as exc:
+        check_out(tmp_path)
+    assert "--force" not in str(exc.value) and "(-o)" in str(exc.value)
+    assert "rerun the same command to resume" in _left_behind(["curve", "m.yaml", "-o", "out"])
+    assert _left_behind(["merge", "m.yaml", "-o", "out"]) == "nothing was written"

@@ -306,6 +306,15 @@ def _signals():
             signal.signal(sig, handler)
 
 
+def _left_behind(argv: list[str] | None) -> str:
+    """What an interrupted command leaves: nothing, except ``curve``, whose table keeps the rows
+    finished so far (written after every row) for a rerun to resume from."""
+    args = sys.argv[1:] if argv is None else argv
+    if next((a for a in args if not a.startswith("-")), None) == "curve":
+        return "the rows finished so far are kept in the output directory; rerun the same command to resume"
+    return "nothing was written"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning every expected failure into one line and exit code 2.
 
@@ -327,10 +336,10 @@ def main(argv: list[str] | None = None) -> int:
         err.print(f"error: {' '.join(exc.format_message().split())}{hint}", markup=False)
         return 2
     except (*Abort, KeyboardInterrupt):
-        err.print("error: interrupted; nothing was written", markup=False)
+        err.print(f"error: interrupted; {_left_behind(argv)}", markup=False)
         return 130
     except Terminated as exc:
-        err.print(f"error: terminated by signal {exc.signum}; nothing was written", markup=False)
+        err.print(f"error: terminated by signal {exc.signum}; {_left_behind(argv)}", markup=False)
         return 128 + exc.signum
     except ClickExit as exc:
         return exc.exit_code
@@ -350,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
                   "(FLEXMERGE_DEBUG=1 shows the traceback)", markup=False)
         return 1
     if rv == 130:  # typer turns KeyboardInterrupt into Exit(130) after every ``finally`` ran
-        err.print("error: interrupted; nothing was written", markup=False)
+        err.print(f"error: interrupted; {_left_behind(argv)}", markup=False)
     return rv if isinstance(rv, int) else 0
 
 

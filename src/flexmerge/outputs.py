@@ -95,15 +95,17 @@ def write_error(exc: BaseException, target: Path) -> FlexMergeError | None:
     return FlexMergeError(f"cannot write {target}: {reason}; {fix}")
 
 
-def check_target(target: str | os.PathLike, *, what: str, replaceable=None, force: bool = False,
+def check_target(target: str | os.PathLike, *, what: str, replaceable=None, force: bool | None = False,
                  hint: str = "choose a new path") -> Path:
     """Refuse to replace anything flexmerge did not create.
 
     ``target`` may be replaced only if it does not exist, is an empty directory, is recognised as
     flexmerge's own by ``replaceable(path)`` (e.g. a bundle whose manifest names its format), or
-    ``force`` is set. Never the current directory, the home directory or a file-system root.
+    ``force`` is set (``None``: the caller has no ``--force`` option, so messages do not offer
+    one). Never the current directory, the home directory or a file-system root.
     """
     target = Path(target).expanduser()
+    forcing = "" if force is None else ", or pass --force to replace it"
     if target.name in ("", ".", ".."):
         raise FlexMergeError(f"{what} {str(target)!r} names no file or directory to create; {hint}")
     try:
@@ -119,10 +121,9 @@ def check_target(target: str | os.PathLike, *, what: str, replaceable=None, forc
     if force:
         return target
     if target.is_symlink():
-        raise FlexMergeError(f"{what} {target} exists (a symbolic link); {hint}, or pass --force to replace it")
+        raise FlexMergeError(f"{what} {target} exists (a symbolic link); {hint}{forcing}")
     if not target.is_dir() and not target.is_file():
-        raise FlexMergeError(f"{what} {target} exists and is not a regular file (a pipe or device); {hint}, or "
-                             "pass --force to replace it")
+        raise FlexMergeError(f"{what} {target} exists and is not a regular file (a pipe or device); {hint}{forcing}")
     if target.is_dir():
         try:
             empty = not any(target.iterdir())
@@ -131,11 +132,11 @@ def check_target(target: str | os.PathLike, *, what: str, replaceable=None, forc
         if empty or (replaceable is not None and replaceable(target)):
             return target
         raise FlexMergeError(f"{what} {target} exists and was not made by flexmerge (or holds files it did not "
-                             f"write); {hint}, or pass --force to replace it")
+                             f"write); {hint}{forcing}")
     if replaceable is not None and replaceable(target):
         return target
     raise FlexMergeError(f"{what} {target} exists and was not made by flexmerge (or is not recognisable as "
-                         f"its output, e.g. a .pt export); {hint}, or pass --force to replace it")
+                         f"its output, e.g. a .pt export); {hint}{forcing}")
 
 
 def _umask() -> int:
@@ -159,7 +160,7 @@ def _apply_umask(path: Path, is_dir: bool) -> None:
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, is_dir: bool, *, what: str = "output", replaceable=None,
-                force: bool = False, hint: str = "choose a new path") -> Iterator[Path]:
+                force: bool | None = False, hint: str = "choose a new path") -> Iterator[Path]:
     """Yield a temporary path next to ``target``; on success rename it onto ``target``.
 
     ``target`` is checked first with :func:`check_target` (nothing that flexmerge did not make is

@@ -18,6 +18,7 @@ from .render import _cell
 CURVE_FORMAT = "flexmerge-curve"
 CURVE_VERSION = 1
 CSV_NAME = "curve.csv"
+OUT_HINT = "choose another output directory (-o)"
 JSON_NAME = "curve.json"
 CSV_FIELDS = ["run", "method", "params", "order", "linkage", "seed", "requested_size", "size_units",
               "size_bytes", "steps", "average", "normalized"]
@@ -42,8 +43,9 @@ def check_out(out: str | os.PathLike) -> None:
     from ..outputs import check_target
 
     root = Path(out).expanduser()
-    check_target(root / CSV_NAME, what="curve table", replaceable=_is_curve_csv)
-    check_target(root / JSON_NAME, what="curve table", replaceable=lambda p: json_format_of(p) == CURVE_FORMAT)
+    check_target(root / CSV_NAME, what="curve table", replaceable=_is_curve_csv, force=None, hint=OUT_HINT)
+    check_target(root / JSON_NAME, what="curve table", replaceable=lambda p: json_format_of(p) == CURVE_FORMAT,
+                 force=None, hint=OUT_HINT)
 
 
 @dataclass
@@ -118,12 +120,13 @@ class SweepResult:
         root = Path(out).expanduser()
         root.mkdir(parents=True, exist_ok=True)
         csv_path, json_path = root / CSV_NAME, root / JSON_NAME
-        with atomic_path(csv_path, is_dir=False, replaceable=_is_curve_csv) as tmp:
+        with atomic_path(csv_path, is_dir=False, replaceable=_is_curve_csv, force=None, hint=OUT_HINT) as tmp:
             with open(tmp, "w", newline="") as fh:
                 w = csv.writer(fh)
                 w.writerow(self.csv_header())
                 w.writerows(self.csv_rows())
-        write_json_atomic(json_path, self.to_dict(), replaceable=lambda p: json_format_of(p) == CURVE_FORMAT)
+        write_json_atomic(json_path, self.to_dict(), replaceable=lambda p: json_format_of(p) == CURVE_FORMAT,
+                          force=None, hint=OUT_HINT)
         return csv_path, json_path
 
     def rich_table(self, max_tasks: int = 8, title: str | None = None, width: int | None = None):
