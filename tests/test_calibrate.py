@@ -47,6 +47,7 @@ def test_scale_parameter_of_methods():
     assert scale_parameter(make_method({"name": "emr"})) is None
 
 
+@pytest.mark.slow  # ~5-10 s: runs in CI's full run (.ci/run), not the default fast run
 def test_scale_is_the_grid_argmax_found_by_brute_force(bert_set):
     cfg = bert_set(n=4)
     val = distance_evaluator(cfg)
@@ -65,6 +66,7 @@ def test_scale_is_the_grid_argmax_found_by_brute_force(bert_set):
         assert choice.params["lambda"] < 1.5
 
 
+@pytest.mark.slow  # ~5-10 s: runs in CI's full run (.ci/run), not the default fast run
 def test_planner_is_the_best_candidate_grouping(bert_set):
     cfg = bert_set(n=4)
     val = distance_evaluator(cfg, power=2.0)
@@ -83,6 +85,7 @@ def test_planner_is_the_best_candidate_grouping(bert_set):
         start = choice.params["lambda"]
 
 
+@pytest.mark.slow  # a few seconds: runs in CI's full run (.ci/run), not the default fast run
 def test_budget_is_respected_and_spread(bert_set):
     cfg = bert_set(n=3)
     sizes = [1.0, 1.5, 2.0]

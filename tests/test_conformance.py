@@ -189,6 +189,52 @@ def test_chunked_transform_equals_the_whole_transform(method):
             assert torch.equal(chunked.transform(n, piece), flat[:, start:start + 7]), (n, start)
 
 
+ELEMENTWISE_MERGE = [m for m in METHODS if make_method(m).elementwise_merge]
+
+
+def test_the_llm_methods_merge_entry_by_entry():
+    assert {"task_arithmetic", "ties"} <= set(ELEMENTWISE_MERGE)
+
+
+def _with_cancellations(taus: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Mostly negative task vectors with entries whose members cancel exactly (+a, -a), so that
+    TIES's block-level zero-sum rule picks -1 for them."""
+    out = {}
+    for i, (n, t) in enumerate(taus.items()):
+        t = -t.abs()
+        flat = t.reshape(t.shape[0], -1)
+        for j in range(i, flat.shape[1], 5):
+            flat[:, j] = 0.0
+            flat[0, j], flat[1, j] = 0.25 * (j + 1), -0.25 * (j + 1)
+        out[n] = t
+    return out
+
+
+@pytest.mark.parametrize("cancel", [False, True])
+@pytest.mark.parametrize("method", ELEMENTWISE_MERGE)
+def test_chunked_merge_equals_the_whole_merge(method, cancel):
+    taus = _taus(2, g=3)
+    if cancel:
+        taus = _with_cancellations(taus)
+    m = make_method(method)
+    if m.has_global_pass:
+        m.global_pass(lambda: iter(taus.items()), 3)
+    if m.transforms:
+        taus = {n: m.transform(n, t) for n, t in taus.items()}
+    base = {n: torch.randn(t.shape[1:], generator=torch.Generator().manual_seed(9)) for n, t in taus.items()}
+    whole = m.merge(GroupInput(task_vectors=taus, base=base, task_ids=[0, 1, 2], block="b", seed=0))
+    merger = m.chunked_merge(GroupInput(task_vectors={}, base={}, task_ids=[0, 1, 2], block="b", seed=0),
+                             {n: tuple(t.shape[1:]) for n, t in taus.items()})
+    for n, t in taus.items():  # ragged flat chunks, in order, as the engine feeds them
+        flat, b = t.reshape(3, -1), base[n].reshape(-1)
+        for start in range(0, flat.shape[1], 7):
+            merger.add(n, flat[:, start:start + 7], b[start:start + 7])
+    got = merger.result()
+    assert got.masks is None and got.scalars is None
+    for n in taus:
+        assert torch.equal(got.merged[n], whole.merged[n]), (method, n)
+
+
 @pytest.mark.parametrize("shape", [(), (1,), (7,), (8,), (3, 5), (2, 3, 4)])
 def test_masks_pack_to_one_bit_per_element_and_round_trip(shape):
     mask = torch.rand(shape, generator=torch.Generator().manual_seed(len(shape))) < 0.5

@@ -20,6 +20,7 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+@pytest.mark.slow  # a few seconds (subprocesses): runs in CI's full run (.ci/run), not the default fast run
 @needs_proc
 def test_flexmerge_closes_its_sources_on_leaving_the_block(bert_set):
     cfg = bert_set()

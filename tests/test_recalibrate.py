@@ -127,6 +127,7 @@ def _bench():
     return module
 
 
+@pytest.mark.slow  # ~5-10 s: runs in CI's full run (.ci/run), not the default fast run
 def test_recalibrated_outputs_come_closer_to_the_fine_tuned_models():
     """bench/bench_statistics.py's synthetic tasks (seed 0, short training): at one model unit, the
     merged models' logits come closer to the fine-tuned models' with statistics re-estimated on 256

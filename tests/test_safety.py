@@ -160,6 +160,7 @@ sys.exit(main(sys.argv[2:]))
 '''
 
 
+@pytest.mark.slow  # a few seconds (subprocesses): runs in CI's full run (.ci/run), not the default fast run
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 @pytest.mark.parametrize("existing", [False, True])
 def test_signals_exit_nonzero_and_leave_nothing(hf_set, capsys, sig, code, existing):
@@ -213,6 +214,7 @@ def test_a_bundle_moved_aside_by_a_killed_run_is_put_back(hf_set, capsys):
 
 
 # ------------------------------------------------------------------------ disk full, permissions
+@pytest.mark.slow  # a few seconds (a subprocess): runs in CI's full run (.ci/run), not the default fast run
 def test_file_too_large_is_one_line_naming_the_target(hf_set):
     out = hf_set.parent / "out"
     code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (3000, 3000)); "

@@ -20,17 +20,15 @@ from typing import Iterable
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from . import bundle_format as fmt
 from .bundle_format import BUNDLE_FORMAT, BUNDLE_VERSION  # noqa: F401  (re-exported)
 from .errors import FlexMergeError
 from .io import file_sha256
 from .outputs import atomic_path, write_error
+from .shards import write_hashed
 from .materialize import StoredBlock, unpack_mask
 
-def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
 
 
 class BundleWriter:
@@ -62,8 +60,7 @@ class BundleWriter:
         if not tensors:
             return
         path = self.tmp / rel
-        self._guard(lambda: _save(tensors, path))
-        self.files[rel] = file_sha256(path)
+        self.files[rel] = self._guard(lambda: write_hashed(path, tensors))
 
     def copy_file(self, src: Path, rel: str) -> None:
         dest = self.tmp / rel
@@ -211,7 +208,8 @@ class Bundle:
         if tuple(t.shape) != shape:
             raise FlexMergeError(f"bundle file {where}: tensor '{key}' has shape {list(t.shape)}, the manifest "
                                  f"says {list(shape)}; the bundle is damaged: re-run 'flexmerge merge'")
-        if is_weight and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if is_weight and t.is_floating_point() and not all(  # in chunks: no float32 copy of a whole bf16 tensor
+                bool(torch.isfinite(c).all()) for c in t.reshape(-1).split(1 << 21)):
             raise FlexMergeError(f"bundle file {where}: tensor '{key}' holds NaN or Inf; the bundle is damaged: "
                                  "re-run 'flexmerge merge'")
         return t
@@ -308,6 +306,70 @@ class Bundle:
         order = self.manifest["task_keys"][task]
         return {k: out[k] for k in order}
 
+    # ---- one tensor at a time (exports that never hold the whole model) ---------------------
+    def _locate(self, task: str, name: str) -> tuple[str, str | None, BlockEntry | None, int, int]:
+        """Where tensor ``name`` of ``task`` is stored: (kind, file, block, group, member)."""
+        self._check_task(task)
+        canonical = self.manifest.get("aliases", {}).get(name, name)
+        if name not in self.manifest["task_keys"][task]:
+            raise FlexMergeError(f"task '{task}' has no tensor '{name}' in this bundle")
+        where = self.__dict__.get("_param_block")
+        if where is None:
+            where = self._param_block = {p: b for b in self.blocks for p in b.params}
+        block = where.get(canonical)
+        if block is None:
+            return "specific", self.manifest["task_specific"][task]["file"], None, 0, 0
+        gi, pos = self.group_of(task, block.name)
+        return block.groups[gi]["kind"], block.file, block, gi, pos
+
+    def task_tensor(self, task: str, name: str) -> torch.Tensor:
+        """Tensor ``name`` of ``task`` alone (tied names give their canonical tensor), rebuilt from
+        the one group holding it: an export streams a task with this, one tensor at a time."""
+        kind, file, block, gi, pos = self._locate(task, name)
+        canonical = self.manifest.get("aliases", {}).get(name, name)
+        if kind == "specific":
+            return self.tensor(file, canonical)
+        if kind == "masked":
+            return self.rebuild_masked(block, gi, pos, canonical)
+        key = fmt.original_key(gi, pos, canonical) if kind == "original" else fmt.merged_key(gi, canonical)
+        return self.tensor(file, key)
+
+    def release_files(self) -> None:
+        """Unmap every bundle file opened so far (reads map them again on demand, without
+        re-verifying): a mapped file's touched pages count in the process's resident memory, so a
+        reader that streams the whole bundle calls this to keep it at about one tensor."""
+        self._handles.clear()
+        self.__dict__.get("_keycache", {}).clear()
+
+    def task_tensor_specs(self, task: str) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        """``(name, shape, dtype)`` of every tensor of ``task``, in its original key order, read from
+        the manifest and the files' headers only (no tensor data)."""
+        from .io import _ST_DTYPES
+
+        out = []
+        for name in self.manifest["task_keys"][task]:
+            kind, file, block, gi, pos = self._locate(task, name)
+            canonical = self.manifest.get("aliases", {}).get(name, name)
+            if kind == "specific":
+                key = canonical
+            elif kind == "masked":
+                key = fmt.base_key(canonical)
+            else:
+                key = fmt.original_key(gi, pos, canonical) if kind == "original" else fmt.merged_key(gi, canonical)
+            if self._mem is not None:
+                t = self._mem[file][key]
+                out.append((name, tuple(t.shape), t.dtype))
+                continue
+            handle = self._handle(file)  # verified against its checksum first
+            try:
+                sl = handle.get_slice(key)
+                shape, dtype = tuple(int(d) for d in sl.get_shape()), _ST_DTYPES[sl.get_dtype()]
+            except Exception:
+                raise FlexMergeError(f"bundle file {self.root / file} has no tensor '{key}' (or it cannot be "
+                                     "read); the bundle is damaged: re-run 'flexmerge merge'") from None
+            out.append((name, shape, dtype))
+        return out
+
     def apply_task(self, model: torch.nn.Module, task: str, blocks: Iterable[str] | None = None) -> None:
         """Write ``task``'s weights into ``model``'s existing parameters and buffers, in place.
 
@@ -365,11 +427,13 @@ class Bundle:
         gb, pb = self._where[b][block.name]
         return ga != gb or block.groups[ga]["kind"] != "merged" and pa != pb
 
-    def export(self, task: str, out: str | os.PathLike, force: bool = False) -> Path:
-        """Write one task as the same kind of checkpoint as its input, atomically."""
+    def export(self, task: str, out: str | os.PathLike, force: bool = False,
+               max_shard_size: int | str = "5GB") -> Path:
+        """Write one task as the same kind of checkpoint as its input, atomically, one tensor at a
+        time (HF directories: shards of at most ``max_shard_size``, e.g. ``"500MB"``)."""
         from .export import export_task
 
-        return export_task(self, task, out, force=force)
+        return export_task(self, task, out, force=force, max_shard_size=max_shard_size)
 
     def summary(self) -> dict:
         """Sizes and groups per block, for ``flexmerge inspect``."""

@@ -23,7 +23,10 @@ TALL masks / EMR)::
 Every path in a manifest is relative, stays inside the bundle (no ``..``, no absolute path, no
 symlink out) and is listed in ``files`` with its sha256; readers verify a file against it before
 the first tensor is read from it. Version 2 added ``assets``; version 1 bundles are refused with a
-request to re-run ``flexmerge merge``. ``plan.recalibration`` (optional, null when absent; ``plan``
+request to re-run ``flexmerge merge``. ``adapter`` (optional, absent in full-model bundles) marks a bundle of
+PEFT adapters (:class:`AdapterEntry`); it needs no new version: bundles without it read as before,
+and a reader that predates it refuses such a bundle (the schema forbids unknown fields), which is
+right, since it would read merged factors as weights. ``plan.recalibration`` (optional, null when absent; ``plan``
 admits extra fields, so readers without it still read such bundles) records statistics re-estimated
 on data: examples and batches per task.
 """
@@ -215,7 +218,7 @@ class TaskSpecificEntry(_Strict):
 
 class SourceEntry(_Strict):
     path: Optional[str]
-    kind: Literal["hf_dir", "safetensors", "torch", "state_dict"]
+    kind: Literal["hf_dir", "safetensors", "torch", "state_dict", "peft_adapter"]
     sha256: Optional[str]
 
 
@@ -257,6 +260,17 @@ class PlanEntry(BaseModel):
     recalibration: Optional[RecalibrationEntry] = None  # absent in bundles without it (and older ones)
 
 
+class AdapterEntry(_Strict):
+    """Adapter bundles (:mod:`flexmerge.adapters`): the PEFT type, each task's own
+    ``adapter_config.json`` (for export) and the rank rule of merged LoRA groups. In such a bundle
+    a block's parameters are the adapters' tensor keys; a ``merged`` group stores the merged
+    low-rank factors (scale folded in) or (IA)3 vector, not ``theta_0 + tau``."""
+
+    peft_type: Literal["LORA", "IA3"]
+    rank_rule: Literal["members"]
+    configs: dict[str, dict[str, Any]]
+
+
 class Manifest(_Strict):
     """``manifest.json``: what a bundle holds and how to rebuild each task from it."""
 
@@ -274,6 +288,7 @@ class Manifest(_Strict):
     config: dict[str, Any]
     files: dict[RelPath, str]
     assets: dict[str, dict[str, RelPath]] = Field(default_factory=dict)
+    adapter: Optional[AdapterEntry] = None  # adapter bundles only; absent in full-model bundles
 
     @field_validator("version")
     @classmethod
@@ -312,6 +327,8 @@ class Manifest(_Strict):
                 raise ValueError(f"block {b.name!r}: file {b.file!r} is not listed in 'files'")
             if b.file is None and b.params:
                 raise ValueError(f"block {b.name!r} has parameters but no file")
+        if self.adapter is not None and set(self.adapter.configs) != tasks:
+            raise ValueError("'adapter.configs' must give one adapter config per task")
         for label, keys in (("task_specific", self.task_specific), ("task_keys", self.task_keys),
                             ("sources.tasks", self.sources.tasks), ("assets", self.assets)):
             extra = set(keys) - tasks

@@ -57,11 +57,13 @@ SeedOpt = typer.Option(None, "--seed", help="random seed")
 PlannerOpt = typer.Option(None, "--planner", help="distortion (default) | similarity (the paper's greedy) | hybrid | auto")
 ProgressOpt = typer.Option(True, "--progress/--no-progress", help="progress bars on a terminal")
 ForceOpt = typer.Option(False, "--force", help="replace an existing output even if flexmerge did not make it")
+MaxShardOpt = typer.Option("5GB", "--max-shard-size", help="HF outputs: largest weights file, e.g. 500MB, 5GB or bytes; "
+                                                           "larger weights are sharded with an index json")
 
 
 def _job(config, base, task, exclude, blocks, method, sets, linkage, order, seed, progress, planner=None):
+    from .adapters import open_job  # FlexMerge, or AdapterMerge when the tasks are PEFT adapter directories
     from .config import parse_assignments
-    from .engine import FlexMerge
 
     overrides = {"base": base, "exclude": exclude or None, "blocks": blocks, "linkage": linkage,
                  "order": order, "seed": seed, "planner": planner}
@@ -80,9 +82,9 @@ def _job(config, base, task, exclude, blocks, method, sets, linkage, order, seed
         if base is None or not task:
             raise FlexMergeError("give a config file, or --base and at least two --task NAME=PATH")
         data = {k: v for k, v in overrides.items() if v is not None}
-        return FlexMerge(data, method=method, method_params=parse_assignments(sets), progress=progress)
-    return FlexMerge(config, method=method, method_params=parse_assignments(sets), overrides=overrides,
-                     progress=progress)
+        return open_job(data, method=method, method_params=parse_assignments(sets), progress=progress)
+    return open_job(config, method=method, method_params=parse_assignments(sets), overrides=overrides,
+                    progress=progress)
 
 
 def _fmt_bytes(n: float) -> str:
@@ -133,7 +135,11 @@ def plan(config: Optional[Path] = ConfigArg, output: Path = typer.Option(..., "-
 @app.command()
 def merge(config: Optional[Path] = ConfigArg,
           size: str = typer.Option(..., "--size", "-s", help="target size: model units (2.5) or bytes (40MB)"),
-          output: Path = typer.Option(..., "-o", "--output", help="bundle directory to write"),
+          output: Optional[Path] = typer.Option(None, "-o", "--output", help="bundle directory to write"),
+          hf_out: Optional[Path] = typer.Option(
+              None, "--hf-out", help="instead of a bundle, write the one merged model (all tasks share it, e.g. "
+                                     "at --size 1 with a plain method) as an HF model directory"),
+          max_shard_size: str = MaxShardOpt,
           plan_file: Optional[Path] = typer.Option(None, "--plan", help="reuse a plan.json"),
           base: Optional[str] = BaseOpt, task: Optional[List[str]] = TaskOpt,
           exclude: Optional[List[str]] = ExcludeOpt, blocks: Optional[str] = BlocksOpt,
@@ -141,6 +147,9 @@ def merge(config: Optional[Path] = ConfigArg,
           linkage: Optional[str] = LinkageOpt, order: Optional[str] = OrderOpt,
           seed: Optional[int] = SeedOpt, progress: bool = ProgressOpt, force: bool = ForceOpt,
           planner: Optional[str] = PlannerOpt,
+          dry_run: bool = typer.Option(False, "--dry-run", help="check the inputs and the size, print the "
+                                                                "predicted peak memory, and stop before any "
+                                                                "tensor is read"),
           recalibrate_bn: Optional[str] = typer.Option(
               None, "--recalibrate-bn", help="module:function or file.py:function, batches(task) -> iterable of "
                                              "unlabeled input batches: re-estimate BatchNorm statistics after "
@@ -148,23 +157,68 @@ def merge(config: Optional[Path] = ConfigArg,
           model_factory: Optional[str] = typer.Option(
               None, "--model-factory", help="module:function or file.py:function, task -> torch module of the "
                                             "task's architecture (for --recalibrate-bn)")):
-    """Merge to a target size and write a bundle."""
+    """Merge to a target size and write a bundle (or, with --hf-out, the one merged model)."""
     from .bundle_format import is_bundle_dir
     from .plan import Plan
 
-    check_target(output, what="output", replaceable=is_bundle_dir, force=force,
-                 hint="choose a new or empty directory")
+    if dry_run and output is None and hf_out is None:
+        output = Path(".")  # not written: a dry run stops before any output
+    elif (output is None) == (hf_out is None):
+        raise FlexMergeError("give either -o DIR (a bundle) or --hf-out DIR (the one merged model as an HF "
+                             "directory)")
+    if hf_out is not None:
+        from .export import _is_export_dir
+        from .shards import parse_shard_size
+
+        parse_shard_size(max_shard_size)
+        check_target(hf_out, what="HF output", replaceable=_is_export_dir, force=force, hint="choose a new directory")
+        if recalibrate_bn or model_factory:
+            raise FlexMergeError("--recalibrate-bn is for bundles; drop it with --hf-out, or write a bundle with -o")
+    elif not dry_run:
+        check_target(output, what="output", replaceable=is_bundle_dir, force=force,
+                     hint="choose a new or empty directory")
     recal = _recalibration(recalibrate_bn, model_factory)
     fm = _job(config, base, task, exclude, blocks, method, set_, linkage, order, seed, progress, planner)
     if plan_file is not None:
         fm.use_plan(Plan.load(plan_file))
-    p = fm._plan or fm.plan()
-    p.target_bytes(size)  # range check before any heavy work
+    target = fm.target_bytes(size)  # range check before any heavy work
+    if dry_run:
+        _dry_run(fm, size, target)
+        return
+    if hf_out is not None:
+        from .merged_hf import write_merged_hf
+
+        path, grouping = write_merged_hf(fm, size, hf_out, max_shard_size=max_shard_size, force=force)
+        out.print(f"merged model: {grouping.size_units:.4g} units ({_fmt_bytes(grouping.size_bytes)}; requested "
+                  f"{size}), one model for {len(fm.tasks)} tasks, method {fm.method.describe()['name']}; wrote "
+                  f"HF directory {path}")
+        return
     bundle = fm.merge(size, output, force=force, recalibrate=recal)
     done = bundle.manifest["plan"].get("recalibration")
     note = f"; BatchNorm statistics re-estimated on {min(done['examples'].values())}+ examples per task" if done else ""
     out.print(f"bundle: {bundle.size_units:.4g} units ({_fmt_bytes(bundle.size_bytes)}; requested {size}) for "
               f"{len(bundle.tasks)} tasks, method {bundle.method['name']}{note}; wrote {output}")
+
+
+def _dry_run(fm, size: str, target: int) -> None:
+    """What ``merge --dry-run`` prints: the inputs, the target and the predicted peak memory
+    (:mod:`flexmerge.memory`), from tensor headers alone."""
+    from .engine import FlexMerge
+    from .memory import estimate
+
+    if not isinstance(fm, FlexMerge):
+        raise FlexMergeError("--dry-run predicts the memory of merging full checkpoints; these tasks are adapters, "
+                             "whose merge holds one adapted module at a time")
+    inputs = sum(p.stat().st_size for src in [fm.models.base, *fm.models.tasks.values()] for p in src.files())
+    minimum = fm._minimum_size(size)
+    grouping = (minimum or fm._plan).at(size) if (minimum or fm._plan) else None
+    est = estimate(fm, grouping, will_plan=grouping is None)
+    out.print(f"dry run: {len(fm.tasks)} tasks + base, {_fmt_bytes(inputs)} of checkpoints, "
+              f"{len(fm.blockmap)} blocks, method {fm.method.describe()['name']}; target {size} = "
+              f"{_fmt_bytes(target)}" + ("" if grouping is not None else "; the plan pass (one read of every "
+                                         "checkpoint) comes first"))
+    for line in est.lines():
+        out.print(line)
 
 
 def _recalibration(batches: Optional[str], model_factory: Optional[str]):
@@ -214,13 +268,25 @@ def inspect(bundle_dir: Path = typer.Argument(..., help="a bundle directory"),
 
 @app.command()
 def export(bundle_dir: Path = typer.Argument(..., help="a bundle directory"),
-           task: str = typer.Option(..., "--task", "-t", help="task to export"),
+           task: Optional[str] = typer.Option(None, "--task", "-t", help="task to export"),
            output: str = typer.Option(..., "-o", "--output", help="where to write the checkpoint (a directory for HF inputs)"),
-           force: bool = ForceOpt):
-    """Write one task as a plain checkpoint of the same kind as its input (checksums verified)."""
+           force: bool = ForceOpt, max_shard_size: str = MaxShardOpt,
+           adapter_set: bool = typer.Option(False, "--adapter-set", help="adapter bundles: every task as named PEFT "
+                                                                          "adapters plus adapters.json (task -> adapter)")):
+    """Write one task as a plain checkpoint of the same kind as its input (checksums verified);
+    for an adapter bundle, a PEFT adapter directory (or with --adapter-set, every task's)."""
     from .bundle import Bundle
 
-    path = Bundle.load(bundle_dir).export(task, output, force=force)
+    if (task is None) == (not adapter_set):
+        raise FlexMergeError("give either --task NAME or --adapter-set (adapter bundles)")
+    b = Bundle.load(bundle_dir)
+    if adapter_set or b.manifest.get("adapter"):
+        from .adapters.export import export_adapter, export_adapter_set
+
+        path = export_adapter_set(b, output, force=force) if adapter_set else export_adapter(b, task, output, force=force)
+        out.print(f"exported {'every task' if adapter_set else f'task {task}'} as PEFT adapters to {path}")
+        return
+    path = b.export(task, output, force=force, max_shard_size=max_shard_size)
     out.print(f"exported task {task} to {path}")
 
 

@@ -79,6 +79,10 @@ class CheckpointSource:
     def files(self) -> list[Path]:
         return []
 
+    def file_of(self, name: str) -> str:
+        """The file holding tensor ``name`` (its shard, for sharded checkpoints), for messages."""
+        return self.describe()
+
     def fingerprint(self) -> str:
         """Cheap identity (paths, sizes, mtimes) for caching plans; not a checksum."""
         parts = [f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in self.files()]
@@ -244,6 +248,9 @@ class SafetensorsSource(CheckpointSource):
     def get(self, name: str) -> torch.Tensor:
         return self._where[name].read(name)
 
+    def file_of(self, name: str) -> str:
+        return str(self._where[name].path) if name in self._where else self.describe()
+
     def get_range(self, name: str, start: int, stop: int) -> torch.Tensor:
         return self._where[name].read_range(name, start, stop)
 
@@ -348,12 +355,31 @@ def _open_hf_dir(p: Path, label: str) -> CheckpointSource:
         except Exception:
             raise FlexMergeError(f"{index} is not a valid safetensors index (needs 'weight_map'); "
                                  "re-save the model") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) and f and "/" not in f
+                                                       and f not in (".", "..") for f in weight_map.values()):
+            raise FlexMergeError(f"{index} maps tensors to something other than shard file names in {p}; "
+                                 "re-save the model")
         shards = sorted({p / f for f in weight_map.values()})
         missing = [s.name for s in shards if not s.exists()]
         if missing:
             raise FlexMergeError(f"{label}: shard(s) {', '.join(missing)} listed in {index.name} are "
                                  f"missing from {p}; copy them there")
-        return SafetensorsSource(shards, p, "hf_dir")
+        source = SafetensorsSource(shards, p, "hf_dir")
+        for name, f in weight_map.items():  # the index and the shards' own headers must agree
+            held = source._where.get(name)
+            if held is None or held.path.name != f:
+                source.close()
+                raise FlexMergeError(f"{label}: {index.name} says shard {f} holds tensor '{name}', but "
+                                     + (f"{held.path.name} does" if held else "no shard does")
+                                     + f"; the index does not match the shards in {p}: re-save the model "
+                                     "or restore the original files")
+        extra = [n for n in source.names() if n not in weight_map]
+        if extra:
+            source.close()
+            raise FlexMergeError(f"{label}: shard {source._where[extra[0]].path.name} holds tensor '{extra[0]}', "
+                                 f"which {index.name} does not list; the index does not match the shards in {p}: "
+                                 "re-save the model or restore the original files")
+        return source
     if (p / "model.safetensors").exists():
         return SafetensorsSource([p / "model.safetensors"], p, "hf_dir")
     loose = sorted(p.glob("*.safetensors"))

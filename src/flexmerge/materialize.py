@@ -25,6 +25,7 @@ from .blocks import Block, is_variance
 from .errors import FlexMergeError
 from .methods.base import GroupInput, MergeMethod, StoredGroup
 from .plan import Grouping
+from .similarity import single_thread
 from .sizes import CostModel
 from .validate import ModelSet
 
@@ -122,6 +123,59 @@ def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.from_numpy(bits).reshape(shape)
 
 
+def _add_cast(base: torch.Tensor, merged: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(base + merged).to(dtype)`` one piece at a time, ``base`` widened to float32 piece by piece
+    (as stored or already float32): no float32 temporary of the whole tensor (131 MB for a
+    32000 x 1024 embedding), the same values."""
+    out = torch.empty(merged.shape, dtype=dtype)
+    flat, b, m = out.view(-1), base.reshape(-1), merged.reshape(-1)
+    step = 1 << 20
+    for a in range(0, flat.numel(), step):
+        flat[a:a + step] = b[a:a + step].to(torch.float32) + m[a:a + step]
+    return out
+
+
+MERGE_CHUNK_BYTES = 8 << 20
+"""Task-vector bytes (all N rows, float32) per chunk when a method merges entry by entry; small
+for the reason given at :data:`flexmerge.similarity.GRAM_PASS_BYTES` (a method's temporaries of
+a chunk's size stay in reused heap pages)."""
+
+
+READERS = 2
+"""Reader threads of the chunked merge. Reading and widening N half-precision rows costs more than
+an entry-by-entry merge of them, so two threads read while this one merges."""
+
+
+def chunkable(method: MergeMethod) -> bool:
+    """Whether ``method`` merges entry by entry, transform included (:attr:`MergeMethod.elementwise_merge`)."""
+    return method.elementwise_merge and (not method.transforms or method.elementwise_transform)
+
+
+def merge_in_chunks(models: ModelSet, method: MergeMethod, block: Block,
+                    groups: list[tuple[int, ...]]) -> dict[tuple[int, ...], StoredGroup]:
+    """Merge ``groups`` of ``block`` in one streaming pass of flat chunks: memory is N x chunk task
+    vectors (:data:`MERGE_CHUNK_BYTES`) plus one merged float32 copy of the block per group,
+    whatever N, instead of N copies of the block."""
+    chunk = max(1, MERGE_CHUNK_BYTES // (4 * models.num_tasks))
+    shapes = {n: tuple(models.mergeable[n].shape) for n in block.params}
+    mergers = {g: method.chunked_merge(GroupInput(task_vectors={}, base={}, task_ids=list(g),
+                                                  block=block.name, seed=method.seed), shapes)
+               for g in groups}
+    index = {g: torch.tensor(g) for g in groups}
+    whole = len(models.tasks)
+    # The reader thread and this one are the two workers; torch's own worker threads on top of
+    # them made the memory-bound chunk ops up to 5x slower on 2 busy cores (bench/bench_llm.py).
+    with single_thread():
+        for name, b32, t in models.stream(block.params, chunk_elems=chunk, reuse_buffers=True, prefetch=2,
+                                          readers=READERS):
+            flat = t.reshape(t.shape[0], -1)
+            flat = method.transform(name, flat) if method.transforms else flat
+            base = b32.reshape(-1)
+            for g, merger in mergers.items():
+                merger.add(name, flat if len(g) == whole else flat.index_select(0, index[g]), base)
+        return {g: m.result() for g, m in mergers.items()}
+
+
 def materialize(models: ModelSet, method: MergeMethod, grouping: Grouping, cost: CostModel,
                 progress: Callable[[int, int], None] | None = None,
                 cache: dict | None = None) -> Iterator[StoredBlock]:
@@ -140,11 +194,14 @@ def materialize(models: ModelSet, method: MergeMethod, grouping: Grouping, cost:
         layout = cost.layout(bi, [len(g) for g in groups])
         tensors: dict[str, torch.Tensor] = {}
         records: list[StoredGroupRecord] = []
-        need_merge = any(k != "original" and (cache is None or (block.name, tuple(g)) not in cache)
-                         for g, k in zip(groups, layout.kinds))
+        to_merge = [tuple(g) for g, k in zip(groups, layout.kinds)
+                    if k != "original" and (cache is None or (block.name, tuple(g)) not in cache)]
         base32: dict[str, torch.Tensor] = {}
         taus: dict[str, torch.Tensor] = {}
-        if need_merge:
+        chunked: dict[tuple[int, ...], StoredGroup] = {}
+        if to_merge and chunkable(method):
+            chunked = merge_in_chunks(models, method, block, to_merge)
+        elif to_merge:
             for name, b32, t in models.stream(block.params):
                 base32[name] = b32
                 taus[name] = method.transform(name, t) if method.transforms else t
@@ -156,6 +213,11 @@ def materialize(models: ModelSet, method: MergeMethod, grouping: Grouping, cost:
             key = (block.name, tuple(members))
             if cache is not None and key in cache:
                 return cache[key]
+            if tuple(members) in chunked:
+                stored = chunked[tuple(members)]
+                if cache is not None:
+                    cache[key] = stored
+                return stored
             if list(members) == list(range(len(tasks))):
                 rows = taus  # the whole stack: no copy
             else:
@@ -184,9 +246,9 @@ def materialize(models: ModelSet, method: MergeMethod, grouping: Grouping, cost:
                 if kind == "merged":
                     if stored.needs_base:  # a mask method whose layout chose plain merging
                         raise RuntimeError("mask method in a plain layout")
-                    if name not in base32:  # every group of this block came from the cache
-                        base32[name] = models.base.get(name).to(torch.float32)
-                    tensors[fmt.merged_key(gi, name)] = (base32[name] + merged).to(dtype).contiguous()
+                    if name not in base32:  # chunked, or every group came from the cache: the
+                        base32[name] = models.base.get(name)  # base as stored, widened by _add_cast
+                    tensors[fmt.merged_key(gi, name)] = _add_cast(base32[name], merged, dtype)
                 else:
                     tensors[fmt.delta_key(gi, name)] = merged.to(dtype).contiguous()
                     if stored.masks is not None:

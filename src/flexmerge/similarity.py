@@ -80,9 +80,20 @@ def cosine_from_gram(g: np.ndarray, rtol: float = 1e-12) -> np.ndarray:
     return cos
 
 
-GRAM_PASS_BYTES = 32 << 20
+GRAM_PASS_BYTES = 8 << 20
 """Bytes of task vectors (all N rows) per chunk of the Gram pass. Small chunks keep the reader and
-the products in step; measured at N = 30: 8 MiB x N per chunk 1.8 s, 1 MiB x N 1.1 s."""
+the products in step; measured at N = 30: 8 MiB x N per chunk 1.8 s, 1 MiB x N 1.1 s. A method's
+transform allocates temporaries of a chunk's size, and temporaries of tens of MiB are fresh pages
+at every call (glibc maps them): on 4 x 218M bf16 tasks (bench/bench_llm.py) the TIES Gram pass
+took 7.3 s with 32 MiB chunks and 3.9 s with 8 MiB, task arithmetic's 1.7 and 1.6 s."""
+
+
+def pass_chunk_elems(num_tasks: int, chunk_elems: int | None) -> int | None:
+    """Elements per task in one chunk of a streaming pass: about :data:`GRAM_PASS_BYTES` of all
+    tasks' float32 task vectors, never more than ``chunk_elems`` (None: whole tensors)."""
+    if chunk_elems is None:
+        return None
+    return min(chunk_elems, max(1 << 16, GRAM_PASS_BYTES // (4 * max(1, num_tasks))))
 
 
 def block_grams(models: ModelSet, transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
@@ -103,8 +114,7 @@ def block_grams(models: ModelSet, transform: Callable[[str, torch.Tensor], torch
     grams = {b.name: np.zeros((n, n)) for b in models.blockmap.blocks}
     total = len(models.mergeable)
     done = 0
-    if chunk_elems is not None:
-        chunk_elems = min(chunk_elems, max(1 << 16, GRAM_PASS_BYTES // (4 * n)))
+    chunk_elems = pass_chunk_elems(n, chunk_elems)
     with single_thread():
         for name, _base, taus in models.stream(chunk_elems=chunk_elems, reuse_buffers=True,
                                                check_finite=transform is not None,

@@ -26,6 +26,7 @@ class Average(MergeMethod):
 
     name = "average"
     Params = AverageParams
+    elementwise_merge = True
 
     def merge(self, group: GroupInput) -> StoredGroup:
         return StoredGroup(merged=group_mean(group))
@@ -41,6 +42,7 @@ class TaskArithmetic(MergeMethod):
 
     name = "task_arithmetic"
     Params = TaskArithmeticParams
+    elementwise_merge = True
 
     def merge(self, group: GroupInput) -> StoredGroup:
         lam = self.params.lam

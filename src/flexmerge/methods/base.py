@@ -128,6 +128,13 @@ class MergeMethod:
     """True when :meth:`transform` on a flat element range of a tensor equals that range of the
     transform of the whole tensor (e.g. a trim by per-task thresholds): the similarity pass may
     then stream large tensors in chunks, bounding memory by N x chunk instead of N x tensor."""
+    elementwise_merge: ClassVar[bool] = False
+    """True when the merge of a group is computed entry by entry (task arithmetic, averaging,
+    MagMax, TIES given its trim): the engine may then merge large tensors in flat chunks through
+    :meth:`chunked_merge`, holding N x chunk task vectors instead of a whole block of N tasks
+    (docs/architecture.md, "Memory"). A block-level rule (TIES's zero-sum majority sign) is kept
+    exact by overriding :class:`ChunkedMerge`. Such a method's :meth:`global_pass` must keep no
+    task vector once it asks the stream for the next (the stream then reuses its buffers)."""
     note: ClassVar[str] = ""
     """What a user should know about how the method treats some tensors (``flexmerge methods``)."""
     order_invariant: ClassVar[bool] = True
@@ -153,6 +160,11 @@ class MergeMethod:
     def merge(self, group: GroupInput) -> StoredGroup:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def chunked_merge(self, group: GroupInput, shapes: dict[str, tuple[int, ...]]) -> "ChunkedMerge":
+        """A merge of ``group`` (its ``task_vectors`` empty) fed chunk by chunk; only for methods
+        with :attr:`elementwise_merge`."""
+        return ChunkedMerge(self, group, shapes)
+
     # -- helpers -----------------------------------------------------------------------------
     @property
     def needs_base(self) -> bool:
@@ -173,6 +185,47 @@ class MergeMethod:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.model_dump(by_alias=True).items())
         return f"{type(self).__name__}({args})"
+
+
+class ChunkedMerge:
+    """One group's merge, fed flat element ranges ``[g, k]`` of its tensors in order (each tensor
+    from element 0 to its end); :meth:`result` is the :class:`StoredGroup` that :meth:`MergeMethod.merge`
+    gives on the whole tensors. Holds the merged float32 vectors of the group's block (one copy,
+    whatever the number of tasks)."""
+
+    def __init__(self, method: MergeMethod, group: GroupInput, shapes: dict[str, tuple[int, ...]]):
+        self.method = method
+        self.group = group
+        self.shapes = {n: tuple(s) for n, s in shapes.items()}
+        self.merged: dict[str, torch.Tensor] = {}
+        self._filled: dict[str, int] = {}
+
+    def add(self, name: str, taus: torch.Tensor, base: torch.Tensor) -> None:
+        """The next ``k`` elements of tensor ``name``: task vectors ``[g, k]``, pretrained ``[k]``."""
+        numel = 1
+        for d in self.shapes[name]:
+            numel *= d
+        if name not in self.merged:
+            self.merged[name] = torch.empty(numel, dtype=torch.float32)
+            self._filled[name] = 0
+        start = self._filled[name]
+        k = taus.shape[1]
+        if start + k > numel:
+            raise RuntimeError(f"tensor '{name}': chunks past its {numel} elements")
+        self.merged[name][start:start + k] = self.merge_chunk(name, start, taus, base)
+        self._filled[name] = start + k
+
+    def merge_chunk(self, name: str, start: int, taus: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """The merged task vector of one chunk (default: :meth:`MergeMethod.merge` on the chunk)."""
+        part = GroupInput(task_vectors={name: taus}, base={name: base}, task_ids=self.group.task_ids,
+                          block=self.group.block, seed=self.group.seed)
+        return self.method.merge(part).merged[name]
+
+    def result(self) -> StoredGroup:
+        for name, numel in self._filled.items():
+            if numel != self.merged[name].numel():
+                raise RuntimeError(f"tensor '{name}': {numel} of {self.merged[name].numel()} elements merged")
+        return StoredGroup(merged={n: m.view(self.shapes[n]) for n, m in self.merged.items()})
 
 
 def method_text(described: dict) -> str:

@@ -36,6 +36,7 @@ class MagMax(MergeMethod):
     name = "magmax"
     Params = MagMaxParams
     order_invariant = False  # ties in |tau| go to the later member
+    elementwise_merge = True
 
     def merge(self, group: GroupInput) -> StoredGroup:
         lam = self.params.lam

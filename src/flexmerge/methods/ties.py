@@ -37,12 +37,12 @@ import torch
 from pydantic import Field
 
 from ..errors import FlexMergeError
-from .base import MAX_SCALE, GroupInput, MergeMethod, MethodParams, StoredGroup, TaskVectorStream
+from .base import MAX_SCALE, ChunkedMerge, GroupInput, MergeMethod, MethodParams, StoredGroup, TaskVectorStream
 from .registry import register
 
 _HI_BINS = 1 << 15  # |x| has sign bit 0: the high 16 bits of its float32 pattern are < 2**15
 _LO_BINS = 1 << 16
-_CHUNK = 1 << 22  # elements per bincount call (bounds the int temporaries to tens of MB)
+_CHUNK = 1 << 20  # elements per bincount call (temporaries of 4 MiB: larger ones are fresh pages each time)
 
 
 # -- helpers other methods import -----------------------------------------------------------------
@@ -63,18 +63,26 @@ def elect_sign(taus: torch.Tensor) -> torch.Tensor:
 def resolve_zero_signs(signs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Give entries with no elected sign the majority sign of all ``signs`` together (+1 on a
     tie), as the reference code's ``resolve_zero_signs(..., "majority")``."""
-    total = sum(float(s.sum()) for s in signs.values())
-    majority = -1.0 if total < 0 else 1.0
+    majority = -1.0 if sum(sign_balance(s) for s in signs.values()) < 0 else 1.0
     return {n: torch.where(s == 0, torch.full_like(s, majority), s) for n, s in signs.items()}
 
 
+def sign_balance(signs: torch.Tensor) -> int:
+    """Number of +1 minus number of -1 entries, counted exactly (a float32 sum of more than 2**24
+    signs rounds; a float64 sum of +-1 is exact below 2**53 entries)."""
+    return int(signs.sum(dtype=torch.float64))
+
+
 def disjoint_mean(taus: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-    """TIES disjoint mean: mean over the tasks whose entry has the elected ``sign`` (zeros excluded);
-    0 where no task agrees."""
-    agree = torch.where(sign.unsqueeze(0) > 0, taus > 0, taus < 0)
-    selected = taus * agree
-    count = agree.sum(dim=0).clamp(min=1).to(taus.dtype)
-    return selected.sum(dim=0) / count
+    """TIES disjoint mean: mean over the tasks whose entry has the elected ``sign`` (+1 or -1;
+    zeros excluded); 0 where no task agrees.
+
+    ``taus * sign`` is positive exactly where a task agrees, so the agreeing sum is
+    ``sign * sum_t max(sign * tau_t, 0)`` (negation is exact, so this equals summing the agreeing
+    entries themselves) with one ``[g, *shape]`` temporary instead of three."""
+    s = taus * sign.unsqueeze(0)
+    count = (s > 0).sum(dim=0).clamp_(min=1).to(taus.dtype)
+    return s.clamp_(min=0).sum(dim=0).mul_(sign).div_(count)
 
 
 def ties_merge(task_vectors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -158,6 +166,7 @@ class Ties(MergeMethod):
     name = "ties"
     Params = TiesParams
     elementwise_transform = True  # a trim by per-task thresholds
+    elementwise_merge = True  # entry by entry, except the block's zero-sum majority (_TiesChunks)
 
     def __init__(self, seed: int = 0, **params):
         super().__init__(seed=seed, **params)
@@ -186,3 +195,38 @@ class Ties(MergeMethod):
     def merge(self, group: GroupInput) -> StoredGroup:
         lam = self.params.lam
         return StoredGroup(merged={n: lam * t for n, t in ties_merge(group.task_vectors).items()})
+
+    def chunked_merge(self, group: GroupInput, shapes: dict[str, tuple[int, ...]]) -> ChunkedMerge:
+        return _TiesChunks(self, group, shapes)
+
+
+class _TiesChunks(ChunkedMerge):
+    """TIES fed chunk by chunk, equal to :func:`ties_merge` on the whole block: entries whose sign
+    sum is zero take +1 provisionally; where a member is non-zero their mean for -1 is kept aside
+    and used if the block's sign balance (:func:`sign_balance`, counted over all chunks) is
+    negative. Zero-sum entries are few (exact cancellations), so this holds little memory."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.balance = 0
+        self.negative: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+
+    def merge_chunk(self, name: str, start: int, taus: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        lam = self.method.params.lam
+        sign = elect_sign(taus)
+        self.balance += sign_balance(sign)
+        zero = sign == 0
+        idx = zero.nonzero().squeeze(1)
+        if idx.numel():
+            sub = taus.index_select(1, idx)
+            some = (sub != 0).any(dim=0)  # all-zero entries merge to 0 whatever the sign
+            if bool(some.any()):
+                idx, sub = idx[some], sub[:, some]
+                self.negative.append((name, idx + start, lam * disjoint_mean(sub, -torch.ones(idx.numel()))))
+        return lam * disjoint_mean(taus, sign.masked_fill_(zero, 1.0))
+
+    def result(self) -> StoredGroup:
+        if self.balance < 0:
+            for name, idx, values in self.negative:
+                self.merged[name].index_copy_(0, idx, values)
+        return super().result()

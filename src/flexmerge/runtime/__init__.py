@@ -37,7 +37,11 @@ that share tensors cost no inference speed):
   threads, 0.35 s shared out, 0.34 s for one merged product of all rows). Memory-bound work (mask
   rebuilds, per-run affine parts of norms, concatenations) runs on one thread (:func:`_serial`).
   A ``LayerNorm``/``RMSNorm`` normalises all rows in one op and applies each run's affine part in
-  place.
+  place (in 16-bit dtypes each run's rows in one op, so that values are rounded once, as in the
+  task's own model).
+* **Generation** (causal LMs): :meth:`MultiTaskModel.generate` runs HF ``generate`` on the routed
+  model with the request's layout held for every step (the KV cache keeps the rows' order), with
+  each task's stored ``generation_config.json``.
 * **Task-specific modules** (the ``exclude``\\ d heads) may differ in shape per task: each task's
   rows use that task's own (unpadded) weights; their outputs are written into a zero-padded
   tensor of the widest task, and :class:`MultiTaskModel` slices every output tensor that *is*

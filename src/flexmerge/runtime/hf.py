@@ -49,3 +49,18 @@ def _hf_builder(bundle: Bundle) -> Callable[[str], nn.Module]:
                                  f"'architectures' ({archs}); pass model_factory=")
         return cls._from_config(config) if hasattr(cls, "_from_config") else cls(config)
     return build
+
+
+def _generation_config(bundle: Bundle, task: str):
+    """``task``'s stored ``generation_config.json`` as a transformers ``GenerationConfig``, or None."""
+    cdir = _hf_config_dir(bundle, task)
+    if cdir is None or not (cdir / "generation_config.json").is_file():
+        return None
+    import transformers
+
+    try:
+        return transformers.GenerationConfig.from_pretrained(str(cdir), local_files_only=True)
+    except Exception as exc:
+        raise FlexMergeError(f"task '{task}': cannot read {cdir / 'generation_config.json'} "
+                             f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); fix it or pass "
+                             "generation_config=") from None

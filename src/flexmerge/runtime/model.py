@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from typing import Any, Callable, Mapping
@@ -13,7 +14,7 @@ from ..bundle import Bundle
 from ..errors import FlexMergeError
 from .batching import _concat_inputs, _split
 from .build import _factory_takes_task, _load, _ModuleSpec
-from .hf import _hf_builder
+from .hf import _generation_config, _hf_builder
 from .modules import _Routed
 from .routing import _Router
 from .sources import _Stored
@@ -64,6 +65,10 @@ class MultiTaskModel:
                 bundle.verify()
         else:
             bundle = Bundle.load(path_or_bundle, verify=verify)
+        if bundle.manifest.get("adapter"):
+            raise FlexMergeError("this bundle holds PEFT adapters, which MultiTaskModel does not serve yet; "
+                                 "write them with 'flexmerge export BUNDLE --adapter-set -o DIR' and serve a "
+                                 "mixed batch with PEFT (adapter_names=...)")
         if model_factory is None:
             build, per_task, kind = _hf_builder(bundle), True, "hf"
         else:
@@ -106,6 +111,64 @@ class MultiTaskModel:
         result, start = {}, 0
         for t, n in zip(tasks, rows):
             result[t] = _split(out, start, start + n, sum(rows), padded, tidx[t])
+            start += n
+        return {t: result[t] for t in batch}
+
+    def generate(self, inputs: Any, task: str | None = None, **kwargs) -> Any:
+        """Generate with a causal LM's tasks (HF ``generate``), each task on its own weights.
+
+        ``generate(input_ids, task="t0", max_new_tokens=20)``: one task (``inputs``: the
+        ``input_ids`` tensor, or a dict of ``generate``'s tensor arguments such as ``input_ids`` and
+        ``attention_mask``); returns what ``generate`` returns. ``generate({"t0": ids0, "t1": ids1},
+        max_new_tokens=20)``: several tasks in one batch (rows concatenated as in :meth:`forward`:
+        equal prompt lengths, or left-padded with an ``attention_mask``); returns ``{task:
+        output}``. Each task uses its stored ``generation_config.json`` unless ``generation_config``
+        is given (tasks of one batch must then have the same one). Beam search and several
+        sequences per prompt: one task per call."""
+        if not hasattr(self.model, "generate"):
+            raise FlexMergeError(f"the served model ({type(self.model).__name__}) has no generate(); it needs an "
+                                 "HF model with a language-model head (e.g. *ForCausalLM)")
+        batch = {task: inputs} if task is not None else inputs
+        if not isinstance(batch, Mapping) or not batch:
+            raise FlexMergeError("give generate(input_ids, task=NAME) or generate({task: input_ids, ...})")
+        for t in batch:
+            if t not in self._rank:
+                raise FlexMergeError(f"unknown task '{t}'; this bundle has: {', '.join(self.tasks)}")
+        tasks = sorted(batch, key=self._rank.__getitem__)
+        if "generation_config" not in kwargs:
+            configs = {t: _generation_config(self.bundle, t) for t in tasks}
+            distinct = {json.dumps(c.to_dict(), sort_keys=True, default=str) if c is not None else None
+                        for c in configs.values()}
+            if len(distinct) > 1:
+                raise FlexMergeError(f"tasks {', '.join(tasks)} store different generation configs; generate them in "
+                                     "separate calls or pass generation_config=")
+            if configs[tasks[0]] is not None:
+                kwargs["generation_config"] = configs[tasks[0]]
+        if len(tasks) > 1:
+            gc = kwargs.get("generation_config")
+            if max(int(kwargs.get(k) or getattr(gc, k, 1) or 1) for k in ("num_beams", "num_return_sequences")) > 1:
+                raise FlexMergeError("beam search and several sequences per prompt need one task per call; "
+                                     "call generate(input_ids, task=NAME) for each task")
+            if any(m._widths is not None for m in self._routed.values()):
+                raise FlexMergeError("these tasks' heads differ in width (task-specific tensors); generate one task "
+                                     "per call: generate(input_ids, task=NAME)")
+        args, inner, rows = _concat_inputs(tasks, batch)
+        inner.update(kwargs)
+        tidx = {t: i for i, t in enumerate(self.tasks)}
+        r = self._router
+        with self._lock, torch.inference_mode():
+            r.stack = [tuple((tidx[t], n) for t, n in zip(tasks, rows))]
+            r._runs.clear()
+            r.padded = []
+            try:
+                out = self.model.generate(*args, **inner)
+            finally:
+                r.stack, r.padded = [], []
+        if task is not None:
+            return out
+        result, start = {}, 0
+        for t, n in zip(tasks, rows):
+            result[t] = _split(out, start, start + n, sum(rows), [], tidx[t])
             start += n
         return {t: result[t] for t in batch}
 

@@ -200,10 +200,13 @@ class _RoutedNorm(_Routed):
         r = self._router
         runs = r.runs(self._mid)
         m = self.inner
-        if len(runs) == 1 or isinstance(m, nn.GroupNorm) or not x.dim() or x.shape[0] != r.total:
+        if len(runs) == 1 or isinstance(m, nn.GroupNorm) or not x.dim() or x.shape[0] != r.total \
+                or x.dtype in (torch.bfloat16, torch.float16):
             return self._by_runs(x, self._one)
         # LayerNorm / RMSNorm normalise each row on its own: normalise all rows in one op, then
-        # apply each run's affine part in place (no per-run outputs to concatenate).
+        # apply each run's affine part in place (no per-run outputs to concatenate). Not in 16-bit
+        # dtypes: rounding the normalised rows before the affine part would round twice, so a
+        # task's outputs would depend on the other tasks in the batch.
         if isinstance(m, nn.LayerNorm):
             y = F.layer_norm(x, m.normalized_shape, None, None, m.eps)
         else:
