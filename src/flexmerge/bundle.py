@@ -27,6 +27,7 @@ from .errors import FlexMergeError
 from .io import file_sha256
 from .outputs import atomic_path, write_error
 from .shards import write_hashed
+from .validate import all_finite
 from .materialize import StoredBlock, unpack_mask
 
 
@@ -208,8 +209,7 @@ class Bundle:
         if tuple(t.shape) != shape:
             raise FlexMergeError(f"bundle file {where}: tensor '{key}' has shape {list(t.shape)}, the manifest "
                                  f"says {list(shape)}; the bundle is damaged: re-run 'flexmerge merge'")
-        if is_weight and t.is_floating_point() and not all(  # in chunks: no float32 copy of a whole bf16 tensor
-                bool(torch.isfinite(c).all()) for c in t.reshape(-1).split(1 << 21)):
+        if is_weight and t.is_floating_point() and not all_finite(t):
             raise FlexMergeError(f"bundle file {where}: tensor '{key}' holds NaN or Inf; the bundle is damaged: "
                                  "re-run 'flexmerge merge'")
         return t

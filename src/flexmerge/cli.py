@@ -210,8 +210,7 @@ def _dry_run(fm, size: str, target: int) -> None:
         raise FlexMergeError("--dry-run predicts the memory of merging full checkpoints; these tasks are adapters, "
                              "whose merge holds one adapted module at a time")
     inputs = sum(p.stat().st_size for src in [fm.models.base, *fm.models.tasks.values()] for p in src.files())
-    minimum = fm._minimum_size(size)
-    grouping = (minimum or fm._plan).at(size) if (minimum or fm._plan) else None
+    grouping = fm.known_grouping(size)
     est = estimate(fm, grouping, will_plan=grouping is None)
     out.print(f"dry run: {len(fm.tasks)} tasks + base, {_fmt_bytes(inputs)} of checkpoints, "
               f"{len(fm.blockmap)} blocks, method {fm.method.describe()['name']}; target {size} = "

@@ -159,6 +159,17 @@ def make_config(data: Mapping[str, Any] | MergeConfig, where: str = "config") ->
         raise FlexMergeError(f"{where}: {exc}") from None
 
 
+def resolve_config(config: str | os.PathLike | Mapping[str, Any] | MergeConfig,
+                   overrides: Mapping[str, Any] | None = None) -> MergeConfig:
+    """A validated config from a YAML path, a dict or a :class:`MergeConfig`, with ``overrides``
+    (keys whose value is None are left as they are)."""
+    if isinstance(config, (str, os.PathLike)):
+        return load_config(config, overrides)
+    data = config.model_dump() if isinstance(config, MergeConfig) else dict(config)
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return make_config(data)
+
+
 def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> MergeConfig:
     """Read a YAML config; relative checkpoint paths are taken relative to the file."""
     p = Path(path).expanduser()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
-from ..config import MergeConfig, load_config, make_config
+from ..config import MergeConfig, resolve_config
 from .source import is_adapter_dir
 
 
@@ -29,12 +29,7 @@ def open_job(config: str | os.PathLike | Mapping[str, Any] | MergeConfig, *, met
              method_params: Mapping[str, Any] | None = None, overrides: Mapping[str, Any] | None = None,
              progress: bool = False):
     """An :class:`~.engine.AdapterMerge` for adapter configs, else a :class:`flexmerge.engine.FlexMerge`."""
-    if isinstance(config, (str, os.PathLike)):
-        cfg = load_config(config, overrides)
-    else:
-        data = config.model_dump() if isinstance(config, MergeConfig) else dict(config)
-        data.update({k: v for k, v in (overrides or {}).items() if v is not None})
-        cfg = make_config(data)
+    cfg = resolve_config(config, overrides)
     if uses_adapters(cfg):
         from .engine import AdapterMerge
 

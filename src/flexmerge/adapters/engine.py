@@ -44,12 +44,13 @@ import torch
 from .. import bundle_format as fmt
 from ..blocks import BlockMap, build_block_map
 from ..bundle import Bundle, BundleWriter, block_entry
+from ..engine import PlannedJob, resolve_job
 from ..config import MergeConfig
 from ..errors import FlexMergeError
 from ..materialize import StoredBlock, StoredGroupRecord
 from ..methods import MergeMethod
 from ..methods.base import GroupInput, method_text
-from ..plan import Grouping, Plan, make_plan
+from ..plan import Grouping, Plan
 from ..progress import Progress
 from ..similarity import single_thread
 from ..sizes import CostModel
@@ -72,15 +73,13 @@ def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor
     return a, b
 
 
-class AdapterMerge:
+class AdapterMerge(PlannedJob):
     """One merge job over PEFT adapters of one base (module docstring)."""
 
     def __init__(self, config: str | os.PathLike | Mapping[str, Any] | MergeConfig, *,
                  method: str | dict | MergeMethod | None = None,
                  method_params: Mapping[str, Any] | None = None,
                  overrides: Mapping[str, Any] | None = None, progress: bool = False):
-        from ..engine import resolve_job
-
         self.config, self.method = resolve_job(config, method, method_params, overrides)
         if self.method.needs_base:
             raise FlexMergeError(f"method '{self.method.name}' stores per-task masks or rescalers over the dense "
@@ -163,32 +162,6 @@ class AdapterMerge:
                     raise FlexMergeError(f"task vectors of module '{w}' overflow; the adapters hold values too "
                                          "large to merge")
                 grams[b.name] += g
-
-    def plan(self, *, linkage: str | None = None, order: str | None = None, seed: int | None = None,
-             grams: dict | None = None, planner: str | None = None) -> Plan:
-        """The whole trajectory from N adapter units to 1 (:func:`flexmerge.plan.make_plan`); cached."""
-        if grams is None:
-            grams = self._plan.grams if self._plan is not None else self.grams()
-        if planner is None:
-            planner = "similarity" if order not in (None, "greedy") else self.config.planner
-        plan = make_plan(grams, self.cost, self.tasks, method=self.method.describe(),
-                         linkage=linkage or self.config.linkage, order=order or self.config.order,
-                         seed=self.config.seed if seed is None else seed,
-                         task_specific_bytes=self.models.task_specific_bytes(), planner=planner)
-        if linkage is None and order is None and seed is None and planner == self.config.planner:
-            self._plan = plan
-        return plan
-
-    def target_bytes(self, size: float | str) -> int:
-        """The target in bytes, range-checked without reading a tensor (a plan of zero Grams: the
-        size range does not depend on the order)."""
-        if self._plan is not None:
-            return self._plan.target_bytes(size)
-        n = len(self.tasks)
-        zero = {b.name: np.zeros((n, n)) for b in self.blockmap.blocks}
-        blind = make_plan(zero, self.cost, self.tasks, method=self.method.describe(), order="left-right",
-                          planner="similarity", task_specific_bytes=self.models.task_specific_bytes())
-        return blind.target_bytes(size)
 
     def use_plan(self, plan: Plan) -> None:
         if plan.tasks != self.tasks or plan.blocks != self.blockmap.names or plan.block_bytes != self.cost.block_bytes:
