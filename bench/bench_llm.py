@@ -1,10 +1,10 @@
-"""Benchmark: merging Llama-shaped bf16 checkpoints, side by side with mergekit (issue 12).
+"""Benchmark: merging Llama-shaped bf16 checkpoints, side by side with mergekit.
 
 Synthesises, once and cached on disk, a random Llama-shaped base model and N fine-tunes in bf16 as
 sharded HF directories (``model-0000k-of-0000n.safetensors`` + ``model.safetensors.index.json``,
 shards of ``--shard-gb``). A task's change of a matrix is low rank plus noise,
-``delta = (U Vᵀ + E) · rel · ‖W‖ / ‖U Vᵀ + E‖`` with rank 8 and ``rel`` = 1e-3 (the issue's
-"about 1e-3 of the weights"), computed in float32 and rounded once to bf16; vectors (norms) get
+``delta = (U Vᵀ + E) · rel · ‖W‖ / ‖U Vᵀ + E‖`` with rank 8 and ``rel`` = 1e-3 (a fine-tune
+changes its weights by about 1e-3 of their norm), computed in float32 and rounded once to bf16; vectors (norms) get
 noise only. The noise comes from one shared pool of random numbers read at a random offset per
 tensor (drawing 10⁹ fresh normals per model would dominate the generation time; the offsets make
 every task's noise different).

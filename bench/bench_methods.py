@@ -1,6 +1,6 @@
 """Benchmark: merge time and peak RSS per method and size; rebuild latency of mask bundles.
 
-Issue "methods", Benchmarks. Models: 8 synthetic tasks of a 22M-parameter BERT (the shapes of
+Models: 8 synthetic tasks of a 22M-parameter BERT (the shapes of
 all-MiniLM-L6-v2, see bench_plan.py), safetensors on disk. For every method:
 
 * the plan (global pass + similarity pass + greedy plan) once, saved to plan.json;

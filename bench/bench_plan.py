@@ -1,6 +1,6 @@
 """Benchmark: plan the full FlexMerge trajectory for N synthetic tasks of a BERT-sized model.
 
-Issue "engine", Performance: a 22M-parameter BERT (all-MiniLM-L6-v2 shapes: vocab 30522,
+A 22M-parameter BERT (all-MiniLM-L6-v2 shapes: vocab 30522,
 hidden 384, 6 layers, MLP 1536) written as safetensors; N fine-tuned copies = base + noise.
 Prints, per N: seconds and peak RSS of (a) merely reading every checkpoint once and (b) the
 whole plan (validation, one streaming Gram pass, greedy plan), and their ratio. Each is measured

@@ -1,6 +1,6 @@
 """Benchmark: a sweep's wall time, serial vs Ray (flexmerge.evaluate.distributed), same table.
 
-Issue 14, "Sweeps on Ray": with two one-CPU workers on a 2-core machine the Ray sweep should take
+The target: with two one-CPU workers on a 2-core machine the Ray sweep should take
 at most the serial sweep's wall time. Synthetic tasks (base + noise, a tiny two-layer model) and an
 evaluator that does ``--work`` 256x256 matrix products per call on one torch thread stand in for
 a real evaluator's cost. Prints the evaluator calls, the serial sweep's seconds, Ray's start-up

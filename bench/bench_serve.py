@@ -1,6 +1,6 @@
 """Benchmark: ``flexmerge serve`` under a bounded load of mixed valid and malformed requests.
 
-Issue 10, item 5 ("serve answers every request"). Builds a small HF bundle in a temporary
+The target: serve answers every request. Builds a small HF bundle in a temporary
 directory (3 tasks of a 4-layer BERT, hidden 64, vocabulary 1000, 128 positions, each task with its
 own head and WordPiece tokenizer; task arithmetic at size 2), starts the installed ``flexmerge
 serve`` as a subprocess on a free localhost port, and runs ``--clients`` concurrent clients for

@@ -94,3 +94,17 @@ def module_like(sd):
             mod = getattr(mod, part)
         mod.register_parameter(leaf, torch.nn.Parameter(torch.zeros_like(t), requires_grad=False))
     return root
+
+
+def post_json(url: str, path: str, body, timeout: float = 30) -> tuple[int, dict]:
+    """POST ``body`` as JSON to ``url + path``; ``(status, decoded JSON answer)``, errors included."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())

@@ -1,4 +1,4 @@
-"""PEFT adapters in and out (issue 13 parts 1-4): task vectors, Grams from factors, sizes in adapter
+"""PEFT adapters in and out: task vectors, Grams from factors, sizes in adapter
 units, exact originals at size N, task arithmetic and TIES against PEFT's own merges, PEFT loads
 every export, mixed batches from an adapter set."""
 
@@ -102,7 +102,10 @@ def test_task_vectors_equal_peft_delta_and_gram_from_factors_equals_dense(lora_s
             a, b = (x.to(torch.float64) for x in ms.factors(t, w))
             rows.append((ms.modules[w].scales[t] * (b @ a)).reshape(-1))
         dense = torch.stack(rows)
-        torch.testing.assert_close(torch.from_numpy(ms.factor_gram(w)), dense @ dense.T, rtol=1e-10, atol=1e-12)
+        ref = dense @ dense.T  # products in float32 accumulated in float64, as flexmerge.similarity.gram
+        tol = dict(rtol=1e-5, atol=1e-6 * float(ref.diagonal().max()))
+        torch.testing.assert_close(torch.from_numpy(ms.factor_gram(w)), ref, **tol)
+        torch.testing.assert_close(torch.from_numpy(ms._dense_gram(w)), ref, **tol)  # the large-N r path
     assert ms.modules[w].rank in (2, 3)
 
 
@@ -345,7 +348,9 @@ def test_every_method_on_adapters(lora_set, tmp_path, name):
         with pytest.raises(FlexMergeError, match="plain method"):
             AdapterMerge(cfg(base, tasks, method=name))
         return
-    fm = AdapterMerge(cfg(base, tasks, method=name))
+    from test_conformance import FEWER_STEPS
+
+    fm = AdapterMerge(cfg(base, tasks, method={"name": name, **FEWER_STEPS.get(name, {})}))
     plan = fm.plan()
     for size in (plan.max_units, 2, 1):
         out = tmp_path / f"b{size}"
@@ -357,10 +362,10 @@ def test_every_method_on_adapters(lora_set, tmp_path, name):
     ms = fm.models
     taus = ms.deltas(w, range(3))
     from flexmerge.methods.base import GroupInput
-    if fm.method.transforms:
+    if fm.method.has_transform:
         taus = fm.method.transform(w, taus)
     block = fm.blockmap.blocks[0]
-    tv = {p: (taus if p == w else fm.method.transform(p, ms.deltas(p, range(3))) if fm.method.transforms
+    tv = {p: (taus if p == w else fm.method.transform(p, ms.deltas(p, range(3))) if fm.method.has_transform
               else ms.deltas(p, range(3))) for p in block.params}
     merged = fm.method.merge(GroupInput(tv, {p: ms.base_tensor(p) for p in block.params}, [0, 1, 2],
                                         block=block.name, seed=fm.method.seed)).merged[w].double()

@@ -11,7 +11,7 @@ import torch
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-from test_adapters import make_base, make_lora, peft_out  # noqa: E402
+from test_adapters import inputs, make_base, make_lora, peft_out  # noqa: E402
 
 from flexmerge.cli import main  # noqa: E402
 
@@ -97,10 +97,10 @@ def test_cli_bad_adapters_exit_2_and_write_nothing(setup, capsys, case):
 
 
 def test_python_entry_points_know_adapter_bundles(setup, capsys):
-    """``Bundle.export`` writes a PEFT adapter directory; ``MultiTaskModel`` and ``--hf-out`` refuse
-    adapters in one line instead of failing on a missing config.json or an internal error."""
+    """``Bundle.export`` writes a PEFT adapter directory; ``MultiTaskModel`` serves adapter bundles
+    (tests/test_adapters_serve.py); ``--hf-out`` refuses adapters in one line instead of failing
+    on a missing config.json or an internal error."""
     from flexmerge.bundle import Bundle
-    from flexmerge.errors import FlexMergeError
     from flexmerge.runtime import MultiTaskModel
 
     tmp, base, cfg = setup
@@ -108,7 +108,8 @@ def test_python_entry_points_know_adapter_bundles(setup, capsys):
     bundle = Bundle.load(tmp / "full")
     bundle.export("c", tmp / "c-out")
     assert torch.equal(peft_out(base, tmp / "c-out"), peft_out(base, tmp / "c"))
-    with pytest.raises(FlexMergeError, match="PEFT adapters"):
-        MultiTaskModel.from_bundle(bundle)
+    mt = MultiTaskModel.from_bundle(bundle)
+    with torch.no_grad():
+        assert torch.equal(mt({"c": inputs()})["c"].last_hidden_state, peft_out(base, tmp / "c"))
     rc, out, err = run_cli(capsys, "merge", cfg, "--size", "1", "--hf-out", tmp / "hf", "--no-progress")
     assert rc == 2 and len(err) == 1 and "adapters" in err[0] and not (tmp / "hf").exists()

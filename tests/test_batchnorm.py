@@ -274,6 +274,20 @@ def test_svd_methods_see_a_kxk_conv_as_out_by_in_k_k_and_average_depthwise(metho
     assert torch.equal(got, (m.params.alpha * dw.double().mean(0)).float())
 
 
+def test_bundles_note_the_depthwise_kernels_an_svd_method_averaged(tmp_path, capsys):
+    from flexmerge.cli import main
+
+    cfg = cnn_set()
+    out = tmp_path / "tsv"
+    fm = FlexMerge(cfg, method="tsv")
+    assert fm.merge(1.0, out=out).manifest["notes"] == [
+        "tsv: 1 depthwise kernels (in = 1) averaged, not merged by the method's SVD rule: layers.0.dw.weight"]
+    assert main(["inspect", str(out)]) == 0
+    assert "note: tsv: 1 depthwise kernels (in = 1) averaged" in capsys.readouterr().out
+    assert fm.merge(float(N_TASKS)).manifest["notes"] == []  # nothing merged, nothing averaged
+    assert FlexMerge(cfg, method="ties").merge(1.0).manifest["notes"] == []  # its rule covers every tensor
+
+
 def test_methods_text_says_how_convolutions_are_treated(capsys):
     from flexmerge.cli import main
 

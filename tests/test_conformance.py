@@ -74,7 +74,7 @@ def expected_weights(cfg: dict, spec: dict, seed: int, grouping: Grouping, block
         stream = lambda: iter(taus.items())  # noqa: E731
         stream.base = lambda n: base[n].float()  # the pretrained tensors, as the engine's stream has
         method.global_pass(stream, N)
-    if method.transforms:
+    if method.has_transform:
         taus = {n: method.transform(n, t) for n, t in taus.items()}
     tasks = list(cfg["tasks"])
     out: dict[str, dict[str, torch.Tensor]] = {t: {} for t in tasks}
@@ -136,7 +136,7 @@ def test_merge_is_invariant_to_member_order(method, perm):
     taus = _taus(0)
     if m.has_global_pass:
         m.global_pass(lambda: iter(taus.items()), 3)
-    if m.transforms:
+    if m.has_transform:
         taus = {n: m.transform(n, t) for n, t in taus.items()}
     a = m.merge(group(**taus))
     shuffled = group(**{n: t[list(perm)] for n, t in taus.items()})
@@ -219,7 +219,7 @@ def test_chunked_merge_equals_the_whole_merge(method, cancel):
     m = make_method(method)
     if m.has_global_pass:
         m.global_pass(lambda: iter(taus.items()), 3)
-    if m.transforms:
+    if m.has_transform:
         taus = {n: m.transform(n, t) for n, t in taus.items()}
     base = {n: torch.randn(t.shape[1:], generator=torch.Generator().manual_seed(9)) for n, t in taus.items()}
     whole = m.merge(GroupInput(task_vectors=taus, base=base, task_ids=[0, 1, 2], block="b", seed=0))

@@ -553,11 +553,11 @@ def test_parse_size_accepts_sizes():
 
 @pytest.mark.skipif(not Path("/dev/zero").exists(), reason="needs /dev/zero")
 def test_endless_config_and_plan_are_bounded(job, capsys, monkeypatch):
-    import flexmerge.plan
+    import flexmerge.plan_file
 
     root, cfg = job
     one_line_error(capsys, ["plan", "/dev/zero", "-o", root / "p.json"], root, "larger than 16 MiB")
-    monkeypatch.setattr(flexmerge.plan, "PLAN_MAX_BYTES", 1 << 20)
+    monkeypatch.setattr(flexmerge.plan_file, "PLAN_MAX_BYTES", 1 << 20)
     one_line_error(capsys, ["merge", cfg, "--plan", "/dev/zero", "--size", "2", "-o", root / "out"], root,
                    "too large for a plan")
 

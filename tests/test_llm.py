@@ -190,6 +190,27 @@ def test_multitask_model_float32_llama(tmp_path):
     check_serving(save_llm_set(tmp_path / "in", "llama", dtype=torch.float32), tmp_path)
 
 
+def test_generate_takes_prompts_of_different_lengths_per_task(tmp_path):
+    """Tasks whose prompts differ in length are left-padded and masked in one batch; each task's
+    greedy tokens equal its own call, and its sequences start with its own prompt."""
+    cfg = save_llm_set(tmp_path / "in", "llama", dtype=torch.float32)
+    FlexMerge({**cfg, "method": "task_arithmetic"}).merge(2.0, out=tmp_path / "b")
+    mt = MultiTaskModel.from_bundle(tmp_path / "b")
+    prompts = {"t2": IDS[:, 2:], "t0": IDS, "t1": {"input_ids": IDS[:, 3:], "attention_mask": torch.ones(2, 3,
+                                                                                                     dtype=torch.long)}}
+    # 31 occurs in no prompt (HF masks a prompt's own pad tokens when no attention_mask is given)
+    together = mt.generate(prompts, max_new_tokens=5, do_sample=False, pad_token_id=31)
+    assert list(together) == ["t2", "t0", "t1"]  # the caller's order
+    for t, x in prompts.items():
+        ids = x["input_ids"] if isinstance(x, dict) else x
+        alone = mt.generate(ids, task=t, max_new_tokens=5, do_sample=False, pad_token_id=31)
+        assert together[t].shape == (2, ids.shape[1] + 5)
+        assert torch.equal(together[t][:, : ids.shape[1]], ids)
+        assert torch.equal(together[t], alone), t
+    with pytest.raises(FlexMergeError, match="'position_ids' cannot be"):
+        mt.generate({"t0": IDS, "t1": {"input_ids": IDS[:, 1:], "position_ids": IDS[:, 1:]}}, max_new_tokens=2)
+
+
 def check_serving(cfg, tmp_path):
     fm = FlexMerge({**cfg, "method": "task_arithmetic"})
     plan = fm.plan()

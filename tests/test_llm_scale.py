@@ -1,4 +1,4 @@
-"""Merging large half-precision checkpoints (issue 12): the minimum size without a Gram pass,
+"""Merging large half-precision checkpoints: the minimum size without a Gram pass,
 entry-by-entry methods merged in chunks, half-precision tasks streamed through a reused buffer.
 Every path is compared with the one it replaces, bit for bit."""
 

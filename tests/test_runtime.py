@@ -12,7 +12,7 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from conftest import write_checkpoint
-from helpers import one_thread, save_hf_bert_tasks  # noqa: F401  (one_thread: an autouse fixture)
+from helpers import one_thread, post_json, save_hf_bert_tasks  # noqa: F401  (one_thread: an autouse fixture)
 from flexmerge import FlexMergeError, MultiTaskModel
 from flexmerge.engine import FlexMerge
 
@@ -431,7 +431,6 @@ def test_params_on_meta_is_scoped_to_the_building_thread():
 
 # --------------------------------------------------------------------------- flexmerge serve (thin HTTP)
 def test_http_endpoint_per_task_and_batch_routes(tiny_bundle):
-    import urllib.error
     import urllib.request
 
     from flexmerge.serve import make_server
@@ -443,12 +442,7 @@ def test_http_endpoint_per_task_and_batch_routes(tiny_bundle):
     url = f"http://127.0.0.1:{server.server_port}"
 
     def post(path, body):
-        req = urllib.request.Request(url + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=10) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
+        return post_json(url, path, body, timeout=10)
 
     try:
         inputs = tiny_inputs()

@@ -488,7 +488,7 @@ def test_plain_bundle(plain):
 
 
 def test_non_finite_outputs_are_json_null():
-    from flexmerge.serve import _outputs
+    from flexmerge.serve.payload import _outputs
     out = _outputs({"logits": torch.tensor([[1.0, float("nan")], [float("inf"), -2.0]]), "n": float("-inf")})
     assert out == {"logits": [[1.0, None], [None, -2.0]], "n": None}
     assert json.loads(json.dumps(out, allow_nan=False)) == out

@@ -438,7 +438,8 @@ class Bundle:
     def summary(self) -> dict:
         """Sizes and groups per block, for ``flexmerge inspect``."""
         m = self.manifest
-        return {"tasks": self.tasks, "method": m["method"], "size": m["size"],
+        return {"tasks": self.tasks, "method": m["method"], "size": m["size"], "notes": m.get("notes", []),
+                "recalibration": m["plan"].get("recalibration"),
                 "blocks": [{"name": b.name, "groups": [g["tasks"] for g in b.groups],
                             "kinds": [g["kind"] for g in b.groups], "store_base": b.store_base}
                            for b in self.blocks]}

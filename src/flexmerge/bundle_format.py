@@ -267,7 +267,7 @@ class AdapterEntry(_Strict):
     low-rank factors (scale folded in) or (IA)3 vector, not ``theta_0 + tau``."""
 
     peft_type: Literal["LORA", "IA3"]
-    rank_rule: Literal["members"]
+    rank_rule: Literal["members", "max"]  # "members": bundles of equal-rank adapters before ranks could differ
     configs: dict[str, dict[str, Any]]
 
 
@@ -289,6 +289,7 @@ class Manifest(_Strict):
     files: dict[RelPath, str]
     assets: dict[str, dict[str, RelPath]] = Field(default_factory=dict)
     adapter: Optional[AdapterEntry] = None  # adapter bundles only; absent in full-model bundles
+    notes: list[str] = Field(default_factory=list)  # what the method did instead of its rule (older bundles: none)
 
     @field_validator("version")
     @classmethod

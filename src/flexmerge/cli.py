@@ -151,9 +151,10 @@ def merge(config: Optional[Path] = ConfigArg,
                                                                 "predicted peak memory, and stop before any "
                                                                 "tensor is read"),
           recalibrate_bn: Optional[str] = typer.Option(
-              None, "--recalibrate-bn", help="module:function or file.py:function, batches(task) -> iterable of "
-                                             "unlabeled input batches: re-estimate BatchNorm statistics after "
-                                             "merging (needs --model-factory)"),
+              None, "--recalibrate-bn", help="a data directory (one folder of unlabeled images or tensors per "
+                                             "task) or module:function / file.py:function, batches(task) -> "
+                                             "iterable of unlabeled input batches: re-estimate BatchNorm "
+                                             "statistics after merging (needs --model-factory)"),
           model_factory: Optional[str] = typer.Option(
               None, "--model-factory", help="module:function or file.py:function, task -> torch module of the "
                                             "task's architecture (for --recalibrate-bn)")):
@@ -177,8 +178,8 @@ def merge(config: Optional[Path] = ConfigArg,
     elif not dry_run:
         check_target(output, what="output", replaceable=is_bundle_dir, force=force,
                      hint="choose a new or empty directory")
-    recal = _recalibration(recalibrate_bn, model_factory)
     fm = _job(config, base, task, exclude, blocks, method, set_, linkage, order, seed, progress, planner)
+    recal = _recalibration(recalibrate_bn, model_factory, fm.tasks)
     if plan_file is not None:
         fm.use_plan(Plan.load(plan_file))
     target = fm.target_bytes(size)  # range check before any heavy work
@@ -220,9 +221,9 @@ def _dry_run(fm, size: str, target: int) -> None:
         out.print(line)
 
 
-def _recalibration(batches: Optional[str], model_factory: Optional[str]):
+def _recalibration(batches: Optional[str], model_factory: Optional[str], tasks: list[str]):
     """``--recalibrate-bn`` and ``--model-factory`` -> a :class:`~flexmerge.recalibrate.Recalibration`
-    (or None), the callables imported before any heavy work."""
+    (or None), the callables imported and a data directory checked before any heavy work."""
     if batches is None and model_factory is None:
         return None
     if batches is None or model_factory is None:
@@ -230,9 +231,9 @@ def _recalibration(batches: Optional[str], model_factory: Optional[str]):
                              "per task and the model they run through; give both")
     from .evaluate.user_code import load_callable
     from .recalibrate import Recalibration
+    from .recalibration_data import recalibration_batches
 
-    return Recalibration(load_callable(batches, "--recalibrate-bn batches"),
-                         load_callable(model_factory, "model factory"))
+    return Recalibration(recalibration_batches(batches, tasks), load_callable(model_factory, "model factory"))
 
 
 @app.command()
@@ -263,6 +264,12 @@ def inspect(bundle_dir: Path = typer.Argument(..., help="a bundle directory"),
         kinds = ",".join(sorted(set(blk["kinds"]))) + (" +pretrained" if blk["store_base"] else "")
         table.add_row(blk["name"], groups, kinds)
     out.print(table)
+    recal = s.get("recalibration")
+    if recal:
+        out.print("BatchNorm statistics re-estimated on data: " + ", ".join(
+            f"{t} {n} examples" for t, n in recal["examples"].items()), markup=False)
+    for note in s.get("notes", []):
+        out.print(f"note: {note}", markup=False)
 
 
 @app.command()

@@ -110,7 +110,9 @@ def curve(config: Path = typer.Argument(..., help="merge config (YAML): base, ta
                                                help="evaluator calls per method for --calibrate (default: "
                                                     "N x (1 + 6 x sizes))"),
           recalibrate_bn: Optional[str] = typer.Option(None, "--recalibrate-bn",
-                                                       help="module:function or file.py:function, batches(task) -> "
+                                                       help="a data directory (one folder of unlabeled images or "
+                                                            "tensors per task) or module:function / "
+                                                            "file.py:function, batches(task) -> "
                                                             "iterable of unlabeled input batches: re-estimate "
                                                             "BatchNorm statistics of every merged model (needs "
                                                             "--model-factory)"),
@@ -151,7 +153,11 @@ def curve(config: Path = typer.Argument(..., help="merge config (YAML): base, ta
 
         if factory is None:
             raise FlexMergeError("--recalibrate-bn needs --model-factory (the model the batches run through)")
-        recal = Recalibration(load_callable(recalibrate_bn, "--recalibrate-bn batches"), factory)
+        from .config import load_config
+        from .recalibration_data import recalibration_batches
+
+        tasks = list(load_config(config).tasks)
+        recal = Recalibration(recalibration_batches(recalibrate_bn, tasks), factory)
     specs = _method_specs(methods, set_)
     ablation = None
     if ablation_method:

@@ -170,12 +170,12 @@ class FlexMerge(PlannedJob):
         self._check_open()
         self._run_global_pass()
         with self.progress.task("similarity", total=len(self.models.mergeable)) as bar:
-            transform = self.method.transform if self.method.transforms else None
+            transform = self.method.transform if self.method.has_transform else None
             return block_grams(self.models, transform, progress=bar, chunk_elems=self._chunk_elems())
 
     def _chunk_elems(self) -> int | None:
         """Stream large tensors in chunks unless the method's transform needs whole tensors."""
-        ok = not self.method.transforms or self.method.elementwise_transform
+        ok = not self.method.has_transform or self.method.elementwise_transform
         return STREAM_CHUNK if ok else None
 
     def _minimum_size(self, size: float | str | None) -> Plan | None:
@@ -288,6 +288,7 @@ class FlexMerge(PlannedJob):
             "aliases": dict(m.aliases),
             "task_keys": {t: list(s.names()) for t, s in m.tasks.items()},
             "sources": srcs, "config": self.config.public_dict(), "assets": assets or {},
+            "notes": method_notes(self.method, blocks),
         }
 
     def _block_entry(self, sb, rel: str) -> dict:
@@ -430,3 +431,19 @@ def _source_entry(src, digest: bool | str | None) -> dict:
     """``digest``: the source's sha256, or True to compute it here, or False/None for none."""
     sha = src.sha256() if digest is True else (digest or None)
     return {"path": str(src.path) if src.path is not None else None, "kind": src.kind, "sha256": sha}
+
+
+def method_notes(method: MergeMethod, blocks: list[dict]) -> list[str]:
+    """The manifest's ``notes``: per kind of :meth:`MergeMethod.fallback`, how many tensors of
+    merged groups the method handled otherwise than by its rule, with the first names."""
+    found: dict[str, list[str]] = {}
+    for b in blocks:
+        if not any(g["kind"] == "merged" for g in b["groups"]):
+            continue
+        for name in b["params"]:
+            note = method.fallback(name, tuple(b["shapes"].get(name, ())))
+            if note is not None:
+                found.setdefault(note, []).append(name)
+    label = method.describe()["name"]
+    return [f"{label}: {len(names)} {note}: {', '.join(names[:3])}" + (", ..." if len(names) > 3 else "")
+            for note, names in found.items()]

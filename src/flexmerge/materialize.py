@@ -148,7 +148,7 @@ an entry-by-entry merge of them, so two threads read while this one merges."""
 
 def chunkable(method: MergeMethod) -> bool:
     """Whether ``method`` merges entry by entry, transform included (:attr:`MergeMethod.elementwise_merge`)."""
-    return method.elementwise_merge and (not method.transforms or method.elementwise_transform)
+    return method.elementwise_merge and (not method.has_transform or method.elementwise_transform)
 
 
 def merge_in_chunks(models: ModelSet, method: MergeMethod, block: Block,
@@ -169,7 +169,7 @@ def merge_in_chunks(models: ModelSet, method: MergeMethod, block: Block,
         for name, b32, t in models.stream(block.params, chunk_elems=chunk, reuse_buffers=True, prefetch=2,
                                           readers=READERS):
             flat = t.reshape(t.shape[0], -1)
-            flat = method.transform(name, flat) if method.transforms else flat
+            flat = method.transform(name, flat) if method.has_transform else flat
             base = b32.reshape(-1)
             for g, merger in mergers.items():
                 merger.add(name, flat if len(g) == whole else flat.index_select(0, index[g]), base)
@@ -204,7 +204,7 @@ def materialize(models: ModelSet, method: MergeMethod, grouping: Grouping, cost:
         elif to_merge:
             for name, b32, t in models.stream(block.params):
                 base32[name] = b32
-                taus[name] = method.transform(name, t) if method.transforms else t
+                taus[name] = method.transform(name, t) if method.has_transform else t
         if layout.store_base:
             for name in block.params:
                 tensors[fmt.base_key(name)] = models.base.get(name).contiguous()

@@ -67,7 +67,7 @@ def estimate(fm, grouping=None, will_plan: bool = True) -> MemoryEstimate:
     n = len(fm.tasks)
     numel = {name: info.numel for name, info in models.mergeable.items()}
     largest_tensor = max(numel.values(), default=0)
-    whole_stream = method.transforms and not method.elementwise_transform
+    whole_stream = method.has_transform and not method.elementwise_transform
     passes = 2 * 4 * n * largest_tensor if whole_stream else 6 * GRAM_PASS_BYTES
     if method.has_global_pass and not method.elementwise_merge and not whole_stream:
         # other methods' global passes take 2M-element chunks in fresh buffers (engine._chunk_elems)

@@ -59,7 +59,7 @@ def test_zero_task_vectors_give_no_nan():
 
 def test_inner_without_global_pass_is_forwarded_as_such():
     c = make_method({"name": "consensus", "inner": "task_arithmetic"})
-    assert not c.has_global_pass and not c.transforms and not c.randomized
+    assert not c.has_global_pass and not c.has_transform and not c.randomized
     assert c.stores_masks and c.needs_base and not c.stores_scalars
     x = torch.randn(2, 3)
     assert c.transform("w", x) is x
@@ -83,7 +83,7 @@ def test_ties_inner_forwards_global_trim_and_matches_ties():
     c = make_method("consensus")  # default inner: ties
     ties = make_method("ties")
     assert c.params.inner == "ties" and c.params.lambda_c == 0.3
-    assert c.has_global_pass and c.transforms
+    assert c.has_global_pass and c.has_transform
     c.global_pass(stream, 3)
     ties.global_pass(stream, 3)
     seen = {n: c.transform(n, t) for n, t in data.items()}
@@ -117,4 +117,4 @@ def test_declared_properties_follow_the_inner_method(inner):
     c, i = make_method({"name": "consensus", "inner": inner}), make_method(inner)
     assert (c.randomized, c.elementwise_transform, c.order_invariant) == \
         (i.randomized, i.elementwise_transform, i.order_invariant)
-    assert (c.has_global_pass, c.transforms) == (i.has_global_pass, i.transforms)
+    assert (c.has_global_pass, c.has_transform) == (i.has_global_pass, i.has_transform)

@@ -221,7 +221,7 @@ def test_deterministic_and_plain_storage():
     p = m.params
     assert (p.lam, p.k, p.subspace, p.steps, p.lr, p.others, p.embeddings) == (
         0.07, 0.3, 6, 400, 1e-4, "pretrained", "others")
-    assert not m.needs_base and m.has_global_pass and not m.transforms and m.order_invariant
+    assert not m.needs_base and m.has_global_pass and not m.has_transform and m.order_invariant
 
 
 def test_merge_before_the_global_pass_is_an_error():

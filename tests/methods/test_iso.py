@@ -121,7 +121,7 @@ def test_zero_task_vectors_give_zero_without_nan(name):
 @pytest.mark.parametrize("name", ["iso_c", "iso_cts"])
 def test_no_masks_no_global_pass(name):
     m = make_method(name)
-    assert not m.needs_base and not m.has_global_pass and not m.transforms
+    assert not m.needs_base and not m.has_global_pass and not m.has_transform
     assert m.merge(group(w=[torch.eye(2)] * 2)).masks is None
 
 

@@ -8,6 +8,7 @@ from flexmerge.methods import make_method
 from flexmerge.methods.ties import (
     Ties, disjoint_mean, elect_sign, global_topk_thresholds, resolve_zero_signs, ties_merge,
 )
+from flexmerge.methods.base import GroupInput
 from helpers import group
 
 
@@ -127,3 +128,22 @@ def test_bad_parameters_raise(params):
 
 def test_defaults():
     assert make_method("ties").describe() == {"name": "ties", "k": 0.2, "lambda": 1.0}
+
+
+@pytest.mark.parametrize("balance", [-1, 0, 1])
+def test_chunked_merge_takes_the_blocks_zero_sum_sign_at_a_balance_of_one(balance):
+    """Fed in chunks, a zero-sum entry takes -1 exactly when the block's sign balance (counted
+    over every chunk) is negative; hand case with balance -1, 0 and +1 split over two tensors."""
+    # entry 0 of "a" sums to zero (+2, -2); the other entries set the balance
+    rest = {-1: [[-1.0], [-1.0]], 0: [[0.0], [0.0]], 1: [[1.0], [1.0]]}[balance]
+    taus = {"a": torch.tensor([[2.0, 0.0], [-2.0, 0.0]]), "b": torch.tensor(rest)}
+    whole = ties_merge(taus)
+    m = make_method({"name": "ties", "k": 1.0})
+    chunks = m.chunked_merge(GroupInput({}, {}, [0, 1]), {"a": (2,), "b": (1,)})
+    chunks.add("a", taus["a"][:, :1], torch.zeros(1))
+    chunks.add("a", taus["a"][:, 1:], torch.zeros(1))
+    chunks.add("b", taus["b"], torch.zeros(1))
+    got = chunks.result().merged
+    expect_a0 = -2.0 if balance < 0 else 2.0  # the mean of the members that agree with the sign
+    assert float(whole["a"][0]) == expect_a0 and float(got["a"][0]) == expect_a0
+    assert all(torch.equal(got[n], whole[n]) for n in taus)

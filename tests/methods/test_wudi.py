@@ -232,7 +232,7 @@ def test_defaults_and_plain_storage():
     m = make_method("wudi")
     assert (m.params.solver, m.params.steps, m.params.lr, m.params.embeddings, m.params.rcond) == (
         "adam", 300, 1e-5, "average", None)
-    assert not m.needs_base and not m.has_global_pass and not m.transforms
+    assert not m.needs_base and not m.has_global_pass and not m.has_transform
     assert m.merge(group(w=[torch.eye(2)] * 2)).masks is None
 
 

@@ -1,7 +1,7 @@
 """Flexible merging of PEFT adapters: :class:`AdapterMerge`, the adapter counterpart of
 :class:`flexmerge.engine.FlexMerge` (same plan, merge and bundle; same CLI commands).
 
-Blocks and sizes (issue 13, parts 2-3). Each adapted module is one "parameter" named after the base
+Blocks and sizes. Each adapted module is one "parameter" named after the base
 weight it changes (``encoder.layer.0.attention.self.query.weight``), so the core's block presets
 and rules (:mod:`flexmerge.blocks`) group modules per layer and component exactly as for full
 models, and a module's bytes are one adapter's stored bytes for it (both LoRA factors, or the
@@ -10,15 +10,17 @@ N = every task keeps its own adapter, 1.0 = one shared adapter.
 
 Storage, per block group (what makes those sizes honest):
 
-* a group of one stores its member's own factors (or vector): size N rebuilds every adapter bit for bit;
-* a merged LoRA group stores low-rank factors of the method's merged ``dW`` at the **members'
-  rank** (every adapter has the same rank per module, :mod:`.source`): the truncated SVD
-  ``dW ~ U_r S_r V_r^T``, stored as ``B = U_r S_r^(1/2)``, ``A = S_r^(1/2) V_r^T`` (split evenly, so
+* a group of one stores its member's own factors (or vector), LoRA factors zero-padded to the
+  module's stored rank ``R`` (:mod:`.source`): size N rebuilds every adapter bit for bit;
+* a merged LoRA group stores low-rank factors of the method's merged ``dW`` at the **stored rank**
+  ``R``, the largest rank any adapter has for the module (:data:`~.source.RANK_RULE`; when all
+  adapters have one rank, that rank): the truncated SVD
+  ``dW ~ U_R S_R V_R^T``, stored as ``B = U_R S_R^(1/2)``, ``A = S_R^(1/2) V_R^T`` (split evenly, so
   half-precision factors keep their range) with the scale folded in (``B A`` is the merged ``dW``;
   an export sets that module's ``alpha`` so that PEFT's scaling is exactly 1). It costs one
   adapter's bytes for the block, as a merged block of a full model costs one model's. By
-  Eckart-Young it is the closest rank-r matrix to the merged ``dW``; it is exact (to float32
-  rounding) when the merged ``dW`` has rank <= r, e.g. members that share ``A``. It agrees with
+  Eckart-Young it is the closest rank-R matrix to the merged ``dW``; it is exact (to float32
+  rounding) when the merged ``dW`` has rank <= R, e.g. members that share ``A``. It agrees with
   PEFT's ``add_weighted_adapter(combination_type="svd", svd_rank=r)`` for task arithmetic and with
   ``ties_svd`` for TIES (tests/test_adapters.py); PEFT's ``cat`` keeps rank ``sum r_i`` (exact,
   but no smaller than the originals), and its ``linear``/``ties``/``dare_*`` without ``_svd``
@@ -54,10 +56,7 @@ from ..plan import Grouping, Plan
 from ..progress import Progress
 from ..similarity import single_thread
 from ..sizes import CostModel
-from .source import AdapterSet, open_adapters
-
-RANK_RULE = "members"
-"""A merged LoRA group's rank: the members' rank for that module (module docstring)."""
+from .source import RANK_RULE, AdapterSet, open_adapters
 
 
 def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,7 +138,7 @@ class AdapterMerge(PlannedJob):
         transforms task vectors, then from the dense transformed ``dW`` one module at a time."""
         self._run_global_pass()
         n = self.models.num_tasks
-        dense = self.method.transforms or self.kind == "IA3"
+        dense = self.method.has_transform or self.kind == "IA3"
         grams = {b.name: np.zeros((n, n)) for b in self.blockmap.blocks}
         with single_thread():  # small products: one BLAS thread (flexmerge.similarity.single_thread)
             self._gram_pass(grams, dense)
@@ -151,7 +150,7 @@ class AdapterMerge(PlannedJob):
             for w in b.params:
                 if dense:
                     taus = self.models.deltas(w, range(n))
-                    if self.method.transforms:
+                    if self.method.has_transform:
                         taus = self.method.transform(w, taus)
                     flat = taus.reshape(n, -1).to(torch.float64)
                     g = (flat @ flat.T).numpy()
@@ -185,12 +184,12 @@ class AdapterMerge(PlannedJob):
                 taus = {}
                 for w in block.params:
                     t = ms.deltas(w, range(n))
-                    taus[w] = self.method.transform(w, t) if self.method.transforms else t
+                    taus[w] = self.method.transform(w, t) if self.method.has_transform else t
             for gi, members in enumerate(groups):
                 if len(members) == 1:
                     records.append(StoredGroupRecord(list(members), "original"))
                     for w in block.params:
-                        for key, x in zip(ms.modules[w].keys, ms.factors(members[0], w)):
+                        for key, x in zip(ms.modules[w].keys, ms.stored_factors(members[0], w)):
                             tensors[fmt.original_key(gi, 0, key)] = x.contiguous()
                     continue
                 records.append(StoredGroupRecord(list(members), "merged"))

@@ -4,10 +4,14 @@ that serves every task from one PEFT model in mixed batches.
 **One task** (:func:`export_adapter`): ``adapter_config.json`` (the task's own config) and
 ``adapter_model.safetensors`` (its tensors: its own factors where its group keeps originals, the
 group's merged factors elsewhere, its task-specific ``modules_to_save`` tensors), which
-``PeftModel.from_pretrained(base, DIR)`` loads. Merged LoRA factors are stored with the scale
-folded in, so for each module taken from a merged group the config gets an ``alpha_pattern``
-entry (the module's name, escaped, placed first so it wins PEFT's first-match lookup) with
-``alpha = r`` (``sqrt(r)`` with ``use_rslora``): PEFT's scaling ``alpha / r`` is then exactly 1.
+``PeftModel.from_pretrained(base, DIR)`` loads. Own factors stored zero-padded to a module's stored
+rank (adapters of different ranks, :data:`~.source.RANK_RULE`) are sliced back to the task's own
+rank: bit for bit its adapter. Merged LoRA factors are stored with the scale folded in, so for
+each module taken from a merged group the config gets an ``alpha_pattern`` entry (the module's
+name, escaped, placed first so it wins PEFT's first-match lookup) with ``alpha = r`` (``sqrt(r)``
+with ``use_rslora``): PEFT's scaling ``alpha / r`` is then exactly 1; where the stored rank ``r``
+differs from the task's own rank for the module, a ``rank_pattern`` entry (placed first likewise)
+gives PEFT that rank.
 
 **Every task** (:func:`export_adapter_set`). PEFT's mixed batches
 (``model(**batch, adapter_names=[...])``) pick *one* adapter per sample for *all* modules, while a
@@ -36,7 +40,7 @@ from safetensors.torch import save_file
 from .. import bundle_format as fmt
 from ..errors import FlexMergeError
 from ..outputs import atomic_path
-from .source import CONFIG_NAME, PREFIX, WEIGHTS_NAME
+from .source import CONFIG_NAME, PREFIX, WEIGHTS_NAME, lora_rank
 
 EXPORT_METADATA = {"format": "pt", "producer": "flexmerge-export"}
 SET_MANIFEST = "adapters.json"
@@ -92,6 +96,8 @@ def task_adapter(bundle, task: str) -> tuple[dict, dict[str, torch.Tensor], dict
             key = fmt.original_key(gi, pos, name) if kind == "original" else fmt.merged_key(gi, name)
             tensors[name] = bundle.tensor(block.file, key)
             sources[name] = f"{block.file}:{key}"
+            if kind == "original" and info["peft_type"] == "LORA":
+                tensors[name] = own_rank(tensors[name], name, config)
             if kind == "merged" and _module_of(name):
                 merged_modules.append(_module_of(name))
     spec = bundle.manifest["task_specific"].get(task, {})
@@ -104,8 +110,22 @@ def task_adapter(bundle, task: str) -> tuple[dict, dict[str, torch.Tensor], dict
         ours = {re.escape(m): (math.sqrt(rank_of[m]) if rs else rank_of[m]) for m in merged_modules}
         config["alpha_pattern"] = {**ours, **{k: v for k, v in (config.get("alpha_pattern") or {}).items()
                                               if k not in ours}}
+        ranks = {re.escape(m): rank_of[m] for m in merged_modules if rank_of[m] != lora_rank(config, m)}
+        if ranks:
+            config["rank_pattern"] = {**ranks, **{k: v for k, v in (config.get("rank_pattern") or {}).items()
+                                                  if k not in ranks}}
     order = bundle.manifest["task_keys"][task]
     return config, {k: tensors[k] for k in order}, {k: sources[k] for k in order}
+
+
+def own_rank(tensor: torch.Tensor, key: str, config: dict) -> torch.Tensor:
+    """A task's own LoRA factor (``key``: ``...lora_A.weight`` or ``...lora_B.weight``) stored
+    zero-padded to the module's stored rank, sliced back to the rank of the task's config (a view)."""
+    module = re.sub(r"\.lora_[AB]\.weight$", "", key).removeprefix(PREFIX)
+    r = lora_rank(config, module)
+    if ".lora_A." in key:
+        return tensor[:r] if tensor.shape[0] > r else tensor
+    return tensor[:, :r] if tensor.shape[1] > r else tensor
 
 
 def _write_adapter(folder: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:

@@ -15,14 +15,20 @@ Task vector of an adapted module (what the adapter adds to the base weight ``W0`
   base of the core rule ``theta = theta_0 + tau`` is the all-ones vector (FlexMerge's PEFT setting
   merges these vectors).
 
-Planning never forms ``dW`` for a LoRA module: ``<dW_i, dW_j> = s_i s_j tr((B_i^T B_j)(A_j A_i^T))``
-(r x r products, :meth:`AdapterSet.factor_gram`). Merging forms one block's ``dW`` for the group's
-members at a time (:meth:`AdapterSet.deltas`).
+Planning forms ``dW`` for a LoRA module only where that is cheaper than the factors:
+``<dW_i, dW_j> = s_i s_j tr((B_i^T B_j)(A_j A_i^T))`` (r_i x r_j products, :meth:`AdapterSet.factor_gram`).
+Merging forms one block's ``dW`` for the group's members at a time (:meth:`AdapterSet.deltas`).
 
 All adapters must share the PEFT type, the base model, the target modules, the adapted modules and
-their factor shapes (so one adapter's bytes are one size unit whatever the task); ``alpha`` and
-``use_rslora`` may differ (they are folded into ``s``). Everything else is one line naming the
-adapter and what differs. Not supported (refused): DoRA, LoRA biases, embedding and conv LoRA,
+their layer shapes and dtype; ``alpha``, ``use_rslora`` (folded into ``s``) and the LoRA **rank** per
+module may differ. Ranks: every stored group of a module keeps the largest rank ``R`` any adapter
+has for it (:data:`RANK_RULE`): a task's own factors are stored zero-padded to ``R`` (``B A``
+unchanged: the padded rows of ``A`` and columns of ``B`` are zero; an export slices them back to
+the task's own rank, bit for bit), a merged group stores rank-``R`` factors. So every group of a
+block costs the same bytes, one size unit is one adapter at the largest ranks, and the core's
+planner (:mod:`flexmerge.sizes`: costs from group counts) plans adapters of different ranks; the
+price is stored zeros in the groups of one of lower-rank adapters. Everything else is one line
+naming the adapter and what differs. Not supported (refused): DoRA, LoRA biases, embedding and conv LoRA,
 adapters saved as ``.bin``.
 """
 
@@ -44,6 +50,10 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 KINDS = ("LORA", "IA3")
+RANK_RULE = "max"
+"""The stored rank of every group of a LoRA module: the largest rank any adapter has for it (module docstring)."""
+GRAM_CHUNK = 1 << 24
+"""Elements of ``dW`` formed at a time when a LoRA Gram is cheaper from dense ``dW`` (:meth:`AdapterSet.factor_gram`)."""
 _LORA_RX = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
 _IA3_RX = re.compile(r"^(?P<module>.+)\.ia3_l$")
 
@@ -74,7 +84,8 @@ class ModuleInfo:
     keys: list[str]  # the adapter keys of this module (lora_A then lora_B, or ia3_l)
     infos: list[TensorInfo]  # their shapes and dtype (the same in every adapter)
     scales: list[float] = field(default_factory=list)  # per task: s (LoRA); 1.0 for (IA)3
-    rank: int = 0
+    rank: int = 0  # the stored rank: the largest of ``ranks`` (RANK_RULE)
+    ranks: list[int] = field(default_factory=list)  # per task: its own LoRA rank
 
     @property
     def nbytes(self) -> int:
@@ -143,10 +154,19 @@ class Adapter:
 
     def scale(self, module: str, rank: int) -> float:
         """PEFT's LoRA scaling of ``module``: ``alpha / r`` or ``alpha / sqrt(r)`` (rslora)."""
-        if self.kind != "LORA":
-            return 1.0
-        alpha = _pattern_value(self.config.get("alpha_pattern"), module, self.config.get("lora_alpha", 8))
-        return float(alpha) / (math.sqrt(rank) if self.config.get("use_rslora") else rank)
+        return lora_scale(self.config, module, rank) if self.kind == "LORA" else 1.0
+
+
+def lora_scale(config: dict, module: str, rank: int) -> float:
+    """PEFT's LoRA scaling of ``module`` of an adapter config: ``alpha / r`` (Hu et al. 2022, Eq. 3) or
+    ``alpha / sqrt(r)`` with ``use_rslora`` (Kalajdzievski 2023), ``alpha`` from ``alpha_pattern``."""
+    alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8))
+    return float(alpha) / (math.sqrt(rank) if config.get("use_rslora") else rank)
+
+
+def lora_rank(config: dict, module: str) -> int:
+    """The rank PEFT gives ``module`` from an adapter config (``rank_pattern``, else ``r``)."""
+    return int(_pattern_value(config.get("rank_pattern"), module, config.get("r", 8)))
 
 
 def _targets(config: dict):
@@ -225,17 +245,33 @@ class AdapterSet:
                 raise FlexMergeError(f"{ad.label}: adapted modules differ from adapter '{first_task}' (module "
                                      f"'{diff}' is in one only); all adapters must adapt the same modules")
             for info in self.modules.values():
-                for k, want in zip(info.keys, info.infos):
-                    got = ad.source.info(k)
-                    if got.shape != want.shape or got.dtype != want.dtype:
+                got = [ad.source.info(k) for k in info.keys]
+                rank = got[0].shape[0] if self.kind == "LORA" else 0
+                for k, g, want in zip(info.keys, got, info.infos):
+                    # LoRA: A [r, in] and B [out, r]; only r may differ from the first adapter's
+                    same = (g.shape == want.shape if self.kind == "IA3" else len(g.shape) == 2 and (
+                        g.shape[1] == want.shape[1] and g.shape[0] == rank if k == info.keys[0]
+                        else g.shape[0] == want.shape[0] and g.shape[1] == rank))
+                    if not same or g.dtype != want.dtype:
                         raise FlexMergeError(
-                            f"{ad.label}: '{k}' is {list(got.shape)} {str(got.dtype).removeprefix('torch.')} but "
+                            f"{ad.label}: '{k}' is {list(g.shape)} {str(g.dtype).removeprefix('torch.')} but "
                             f"adapter '{first_task}' has {list(want.shape)} {str(want.dtype).removeprefix('torch.')}; "
-                            "all adapters must have the same ranks and dtype per module")
-                info.scales.append(ad.scale(info.module, info.rank))
+                            "all adapters must have the same layer shapes and dtype per module (LoRA ranks may "
+                            "differ)")
+                if rank and lora_rank(ad.config, info.module) != rank:  # export and serving read ranks from configs
+                    raise FlexMergeError(f"{ad.label}: module '{info.module}' has rank {rank} factors but its "
+                                         f"{CONFIG_NAME} gives rank {lora_rank(ad.config, info.module)} (r, rank_pattern); "
+                                         "re-save the adapter with PEFT")
+                info.ranks.append(rank)
+                info.scales.append(ad.scale(info.module, rank) if rank else 1.0)
             merged = {k for i in self.modules.values() for k in i.keys}
             self.task_specific[task] = [n for n in ad.source.names() if n not in merged]
         self.excluded = sorted(excluded_keys)
+        if self.kind == "LORA":  # stored factors: rank R = the largest rank (RANK_RULE)
+            for info in self.modules.values():
+                info.rank = max(info.ranks)
+                a, b = info.infos
+                info.infos = [TensorInfo((info.rank, a.shape[1]), a.dtype), TensorInfo((b.shape[0], info.rank), b.dtype)]
 
     def _check_same(self, first_task: str, first: Adapter) -> None:
         ref = first.config
@@ -280,8 +316,19 @@ class AdapterSet:
 
     # ---- task vectors ----------------------------------------------------------------------
     def factors(self, task: int, weight: str) -> list[torch.Tensor]:
+        """Task ``task``'s own tensors of one module (LoRA: ``[A, B]`` at its own rank)."""
         ad = list(self.adapters.values())[task]
         return [ad.source.get(k) for k in self.modules[weight].keys]
+
+    def stored_factors(self, task: int, weight: str) -> list[torch.Tensor]:
+        """What a group of one stores for ``task``: its own tensors, LoRA factors zero-padded to the
+        stored rank (:data:`RANK_RULE`; ``B A`` unchanged)."""
+        xs = self.factors(task, weight)
+        pad = self.modules[weight].rank - xs[0].shape[0] if self.kind == "LORA" else 0
+        if pad <= 0:
+            return xs
+        a, b = xs
+        return [torch.cat([a, a.new_zeros(pad, a.shape[1])]), torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1)]
 
     def delta(self, task: int, weight: str) -> torch.Tensor:
         """Task ``task``'s float32 task vector of one module (module docstring)."""
@@ -298,18 +345,59 @@ class AdapterSet:
         return torch.stack([self.delta(t, weight) for t in members])
 
     def factor_gram(self, weight: str) -> np.ndarray:
-        """N x N Gram of one LoRA module's task vectors from its factors, in float64:
-        ``G_ij = s_i s_j sum((B^T B)_ij * (A A^T)_ij)`` over the ``r x r`` blocks of the stacked
-        factors (``tr(X Y) = sum(X * Y^T)`` and ``A A^T`` is symmetric); ``dW`` is never formed."""
+        """N x N float64 Gram of one LoRA module's task vectors, each factor read once.
+
+        From the factors: with ``A`` the stacked ``[sum r_i, in]`` and ``B`` the ``[out, sum r_i]``
+        factors, ``G_ij = s_i s_j sum((B^T B)_ij * (A A^T)_ij)`` over the ``r_i x r_j`` blocks
+        (``tr(X Y) = sum(X * Y^T)``, ``A A^T`` symmetric): two symmetric products (BLAS ``syrk``),
+        ``K^2 (in + out) / 2`` multiply-adds for ``K = sum r_i``, no ``dW`` formed. When forming
+        ``dW`` is cheaper (``K in out + N^2 in out / 2``: large ``N r``), the dense ``dW`` are formed
+        :data:`GRAM_CHUNK` elements at a time and their Gram taken as for full models
+        (:func:`flexmerge.similarity.gram`). Products in float32 accumulated in float64, as there."""
         info = self.modules[weight]
-        n, r = self.num_tasks, info.rank
-        pairs = [self.factors(t, weight) for t in range(n)]  # each factor read once
-        a = np.concatenate([p[0].to(torch.float64).numpy() for p in pairs])  # [n r, in]
-        bt = np.concatenate([p[1].T.to(torch.float64).numpy() for p in pairs])  # [n r, out]
-        prod = np.dot(bt, bt.T) * np.dot(a, a.T)  # [n r, n r]; x.x^T is BLAS syrk (similarity.gram)
-        blocks = prod.reshape(n, r, n, r).sum(axis=(1, 3))
+        ka, kb = info.keys
+        ranks, n = info.ranks, self.num_tasks
+        k, d_in, d_out = sum(ranks), info.infos[0].shape[1], info.infos[1].shape[0]
+        if k * k * (d_in + d_out) / 2 > k * d_in * d_out + n * n * d_in * d_out / 2:
+            return self._dense_gram(weight)
+        a = torch.empty(k, d_in, dtype=info.infos[0].dtype)
+        bs, off = [], 0
+        for ad, r in zip(self.adapters.values(), ranks):
+            ad.source.get_range_into(ka, 0, r * d_in, a[off:off + r].view(-1))
+            bs.append(ad.source.get(kb))
+            off += r
+        b = torch.cat(bs, dim=1)
+        a = (a if a.dtype == torch.float32 else a.to(torch.float32)).numpy()
+        b = (b if b.dtype == torch.float32 else b.to(torch.float32)).numpy()
+        with np.errstate(over="ignore", invalid="ignore"):
+            aat, btb = np.dot(a, a.T), np.dot(b.T, b)  # x x^T and x^T x: BLAS syrk
+        if not (np.isfinite(aat).all() and np.isfinite(btb).all()):  # float32 overflow: redo in float64
+            a, b = a.astype(np.float64), b.astype(np.float64)
+            aat, btb = np.dot(a, a.T), np.dot(b.T, b)
+        prod = aat.astype(np.float64) * btb
+        starts = np.array([sum(ranks[:i]) for i in range(n)])
+        blocks = np.add.reduceat(np.add.reduceat(prod, starts, axis=0), starts, axis=1)
         s = np.asarray(info.scales, dtype=np.float64)
         return blocks * np.outer(s, s)
+
+    def _dense_gram(self, weight: str) -> np.ndarray:
+        """:meth:`factor_gram` from the dense ``dW``, formed ``rows`` output rows at a time."""
+        from ..similarity import gram
+
+        info = self.modules[weight]
+        n = self.num_tasks
+        pairs = [[x.to(torch.float32) for x in self.factors(t, weight)] for t in range(n)]
+        d_out, d_in = pairs[0][1].shape[0], pairs[0][0].shape[1]
+        rows = max(1, GRAM_CHUNK // (n * d_in))
+        out = np.zeros((n, n))
+        for r0 in range(0, d_out, rows):
+            r1 = min(d_out, r0 + rows)
+            x = torch.empty(n, r1 - r0, d_in)
+            for t, (a, b) in enumerate(pairs):
+                torch.mm(b[r0:r1], a, out=x[t])
+                x[t] *= info.scales[t]
+            out += gram(x).numpy()
+        return out
 
     def base_tensor(self, weight: str) -> torch.Tensor:
         """The pretrained tensor a method's ``GroupInput.base`` gets: the base weight (LoRA) or the

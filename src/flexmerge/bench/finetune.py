@@ -288,12 +288,16 @@ def train_model(
     *,
     task: str,
     progress: Callable[[int, int, float], None] | None = None,
+    groups: list[dict] | None = None,
+    threads: int = 2,
 ) -> dict:
     """Fine-tune ``model`` in place; returns a summary (steps, seconds, loss of the last 20 steps).
 
-    ``progress(step, total, loss)`` is called after every step.
+    ``progress(step, total, loss)`` is called after every step. ``groups``: the optimizer's
+    parameter groups (default: every parameter, :func:`_param_groups`); the PEFT recipe passes
+    its adapter's, so both recipes share this loop, its batches, schedule and dropout seeds.
     """
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     if len(train) == 0:
         raise FlexMergeError(f"task {task}: no training examples; raise max_train_examples")
     ids = tokenize(tokenizer, train.texts, recipe.max_seq_len)
@@ -301,7 +305,9 @@ def train_model(
     labels = torch.tensor(train.labels, dtype=torch.long)
     total = recipe.num_steps(len(train))
     warmup = int(recipe.warmup_ratio * total)
-    opt = torch.optim.AdamW(_param_groups(model, recipe), betas=(0.9, 0.999), eps=1e-8)
+    opt = torch.optim.AdamW(groups if groups is not None else _param_groups(model, recipe), betas=(0.9, 0.999),
+                            eps=1e-8)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
         lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup)),
@@ -316,7 +322,7 @@ def train_model(
             x, mask = pad([ids[i] for i in batch], pad_id)
             out = model(input_ids=x, attention_mask=mask, labels=labels[batch])
             out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)

@@ -7,7 +7,7 @@ from the same *setting* and the same *row*:
 * the setting (:func:`setting`): flexmerge's version, the merge config, the checkpoint files
   (size and modification time of each), the evaluator and model factory (names, the sha256 of the
   file defining each, and an optional ``resume_key`` attribute of the evaluator for state the
-  name does not show), and the BatchNorm recalibration callables;
+  name does not show), and the BatchNorm recalibration callables (or data directory: its files' names, sizes and mtimes);
 * the row (:func:`row_key`): run, method and its parameters, order, linkage, seed, requested size,
   note, and the merged model's per-tensor grouping (:meth:`Session.grouping_key`), so a plan that
   now reaches another grouping is evaluated again.
@@ -75,6 +75,8 @@ def setting(cfg, evaluator, ev_name: str, model_factory, recalibrate) -> dict:
     recal = None if recalibrate is None else [callable_name(recalibrate.batches),
                                              callable_name(recalibrate.model_factory),
                                              code_digest(recalibrate.batches)]
+    if recal is not None and hasattr(recalibrate.batches, "fingerprint"):
+        recal.append(recalibrate.batches.fingerprint())  # a data directory: its files' names, sizes, mtimes
     public = cfg.public_dict()
     sources = {"base": _file_stats(cfg.base), "tasks": {t: _file_stats(v) for t, v in cfg.tasks.items()}}
     return {"flexmerge": __version__, "config": _digest(public), "checkpoints": _digest(sources),

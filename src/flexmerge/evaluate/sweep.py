@@ -142,9 +142,9 @@ def sweep(config: Any, methods: Sequence[Any] | str | None, sizes: Sequence[floa
             fm = FlexMerge(cfg, method=spec, progress=progress, recalibrate=recalibrate)
             opened.append(fm)
             params = {k: v for k, v in fm.method.describe().items() if k != "name"}
-            grams = shared_grams if not fm.method.transforms else None
+            grams = shared_grams if not fm.method.has_transform else None
             plan = fm.plan(grams=grams)
-            if not fm.method.transforms and shared_grams is None:
+            if not fm.method.has_transform and shared_grams is None:
                 shared_grams = plan.grams
             extra = fm.method.stores_masks or fm.method.stores_scalars
             runs: list[tuple[str, str, str, int | None]] = []

@@ -160,6 +160,12 @@ class MergeMethod:
     def merge(self, group: GroupInput) -> StoredGroup:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def fallback(self, name: str, shape: tuple[int, ...]) -> str | None:
+        """What the method does instead of its own rule for tensor ``name`` of ``shape``, when it
+        does (e.g. TSV-M averages depthwise kernels); the bundle's manifest lists these under
+        ``notes``. None when the method's rule applies."""
+        return None
+
     def chunked_merge(self, group: GroupInput, shapes: dict[str, tuple[int, ...]]) -> "ChunkedMerge":
         """A merge of ``group`` (its ``task_vectors`` empty) fed chunk by chunk; only for methods
         with :attr:`elementwise_merge`."""
@@ -172,10 +178,14 @@ class MergeMethod:
 
     @property
     def has_global_pass(self) -> bool:
+        """Whether :meth:`global_pass` does anything: the class (or a wrapper's inner method)
+        overrides it, so the engine must stream every task vector through it before planning."""
         return type(self).global_pass is not MergeMethod.global_pass
 
     @property
-    def transforms(self) -> bool:
+    def has_transform(self) -> bool:
+        """Whether :meth:`transform` changes task vectors: the class (or a wrapper's inner method)
+        overrides it, so Grams and merges must see the transformed vectors."""
         return type(self).transform is not MergeMethod.transform
 
     def describe(self) -> dict:

@@ -85,8 +85,8 @@ class Consensus(MergeMethod):
         return self.inner.has_global_pass
 
     @property
-    def transforms(self) -> bool:
-        return self.inner.transforms
+    def has_transform(self) -> bool:
+        return self.inner.has_transform
 
     def global_pass(self, stream: TaskVectorStream, num_tasks: int) -> None:
         self.inner.global_pass(stream, num_tasks)

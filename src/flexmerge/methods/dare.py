@@ -116,7 +116,7 @@ class Dare(MergeMethod):
 
     def transform(self, name: str, taus: torch.Tensor) -> torch.Tensor:
         dropped = self._drop(name, taus)
-        return self.inner.transform(name, dropped) if self.inner.transforms else dropped
+        return self.inner.transform(name, dropped) if self.inner.has_transform else dropped
 
     def merge(self, group: GroupInput) -> StoredGroup:
         return self.inner.merge(group)

@@ -37,7 +37,7 @@ from pydantic import Field
 
 from .base import MAX_SCALE, GroupInput, MergeMethod, MethodParams, StoredGroup
 from .registry import register
-from .tsv import CONV_NOTE, as_matrices, partial_polar, rank_tolerance
+from .tsv import CONV_NOTE, as_matrices, depthwise_fallback, partial_polar, rank_tolerance
 
 
 def iso_c_matrix(taus: torch.Tensor) -> torch.Tensor:
@@ -99,6 +99,9 @@ class IsoCTSParams(MethodParams):
 
 class _IsoBase(MergeMethod):
     note = CONV_NOTE
+
+    def fallback(self, name: str, shape: tuple[int, ...]) -> str | None:
+        return depthwise_fallback(name, shape)
 
     def _matrix(self, taus: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

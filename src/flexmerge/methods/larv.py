@@ -245,7 +245,7 @@ class Larv(MergeMethod):
         return True
 
     @property
-    def transforms(self) -> bool:
+    def has_transform(self) -> bool:
         return True
 
     def describe(self) -> dict:
@@ -332,7 +332,7 @@ class Larv(MergeMethod):
 
     def transform(self, name: str, taus: torch.Tensor) -> torch.Tensor:
         scaled = self._rescale(name, taus)
-        return self.inner.transform(name, scaled) if self.inner.transforms else scaled
+        return self.inner.transform(name, scaled) if self.inner.has_transform else scaled
 
     def merge(self, group: GroupInput) -> StoredGroup:
         return self.inner.merge(group)

@@ -88,6 +88,13 @@ CONV_NOTE = ("conv kernels [out, in, *k] as matrices [out, in*k] (1x1 exactly as
              "depthwise kernels (in = 1) averaged")
 
 
+def depthwise_fallback(name: str, shape: tuple[int, ...]) -> str | None:
+    """The note of an SVD method for a depthwise kernel ``[out, 1, *k]``, which it averages."""
+    if 3 <= len(shape) <= 5 and name.rsplit(".", 1)[-1] == "weight" and shape[1] == 1:
+        return "depthwise kernels (in = 1) averaged, not merged by the method's SVD rule"
+    return None
+
+
 def as_matrices(name: str, taus: torch.Tensor) -> torch.Tensor | None:
     """The stack ``[g, rows, cols]`` an SVD method decomposes for tensor ``name``: 2-D tensors as
     they are, convolution kernels ``[g, out, in, *k]`` as ``[g, out, in * prod(k)]`` (module
@@ -118,6 +125,9 @@ class TSVMerge(MergeMethod):
     name = "tsv"
     Params = TSVParams
     note = CONV_NOTE
+
+    def fallback(self, name: str, shape: tuple[int, ...]) -> str | None:
+        return depthwise_fallback(name, shape)
 
     def _rank(self, k: int, g: int) -> int:
         frac = self.params.rank_fraction

@@ -80,7 +80,9 @@ default) is restored after every call.
 
 Differences from other projects: mergekit, FusionBench and PEFT export or serve one merged model
 per task (PEFT's mixed-adapter batches route LoRA adapters, not full weights); here shared blocks
-are stored and run once for all tasks of a group.
+are stored and run once for all tasks of a group. Adapter bundles are served like PEFT's mixed
+batches (the base op shared, a side path per run of rows), with a task's adapter assembled per
+block from the groups it belongs to (:mod:`~flexmerge.runtime.adapters`).
 
 Modules: :mod:`~flexmerge.runtime.model` (the public :class:`MultiTaskModel`),
 :mod:`~flexmerge.runtime.build` (skeleton on ``meta``, checks against the bundle, routed model,
@@ -89,7 +91,8 @@ task order), :mod:`~flexmerge.runtime.hf` (HF skeletons from the stored ``config
 :mod:`~flexmerge.runtime.sources` (stored and masked sources), :mod:`~flexmerge.runtime.routing`
 (batch layout, runs, worker threads, rebuild buffers and cache),
 :mod:`~flexmerge.runtime.modules` (the routed modules), :mod:`~flexmerge.runtime.batching`
-(concatenating inputs, splitting outputs).
+(concatenating inputs, splitting outputs), :mod:`~flexmerge.runtime.adapters` (adapter bundles:
+the base model with LoRA / (IA)3 side paths routed per run of rows).
 """
 
 from .build import _params_on_meta  # noqa: F401

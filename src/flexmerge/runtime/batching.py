@@ -96,3 +96,56 @@ def _split(obj, start: int, end: int, total: int, padded, tidx: int):
         except TypeError:
             return dict(items)
     return obj
+
+
+def _left_pad_prompts(tasks: list[str], batch: Mapping[str, Any], pad_id: int | None
+                      ) -> tuple[dict[str, Any], dict[str, int]]:
+    """Several tasks' prompts of different lengths joined for one ``generate`` call, as HF batches
+    prompts: each task's ``input_ids`` ``[n, L_t]`` (a tensor, or a dict with ``input_ids`` and an
+    optional ``attention_mask``) left-padded with ``pad_id`` to the longest ``L``, its
+    ``attention_mask`` (ones when absent) with zeros. Returns the padded inputs and the columns
+    added per task (0 where nothing changed: inputs of equal length are returned as they are)."""
+    def ids_of(x):
+        return x if isinstance(x, torch.Tensor) else x.get("input_ids") if isinstance(x, Mapping) else None
+
+    ids = {t: ids_of(batch[t]) for t in tasks}
+    if any(not isinstance(v, torch.Tensor) or v.dim() != 2 for v in ids.values()):
+        return dict(batch), {t: 0 for t in tasks}
+    longest = max(v.shape[1] for v in ids.values())
+    if all(v.shape[1] == longest for v in ids.values()):
+        return dict(batch), {t: 0 for t in tasks}
+    lengths = sorted({v.shape[1] for v in ids.values()})
+    if pad_id is None:
+        raise FlexMergeError(f"the tasks' prompts differ in length ({', '.join(map(str, lengths))} tokens) and the "
+                             "model has no pad_token_id; pass pad_token_id=, or left-pad the prompts yourself "
+                             "with an attention_mask")
+    out, pads = {}, {}
+    for t in tasks:
+        x, v = batch[t], ids[t]
+        extra = sorted(k for k in x if k not in ("input_ids", "attention_mask")) if isinstance(x, Mapping) else []
+        if extra and v.shape[1] != longest:
+            raise FlexMergeError(f"task '{t}': prompts of {v.shape[1]} tokens beside longer ones of other tasks are "
+                                 f"left-padded, but '{extra[0]}' cannot be; give prompts of one length")
+        k = longest - v.shape[1]
+        mask = x.get("attention_mask") if isinstance(x, Mapping) else None
+        mask = torch.ones_like(v) if mask is None else mask
+        if mask.shape != v.shape:
+            raise FlexMergeError(f"task '{t}': attention_mask has shape {list(mask.shape)} but input_ids "
+                                 f"{list(v.shape)}; give them the same shape")
+        padded = {"input_ids": torch.cat([v.new_full((v.shape[0], k), pad_id), v], dim=1),
+                  "attention_mask": torch.cat([mask.new_zeros((v.shape[0], k)), mask], dim=1)}
+        out[t] = {**x, **padded} if isinstance(x, Mapping) else padded
+        pads[t] = k
+    return out, pads
+
+
+def _strip_left(obj: Any, k: int) -> Any:
+    """A task's generated sequences without the ``k`` padding columns :func:`_left_pad_prompts`
+    added (a tensor, or the ``sequences`` of a ``generate`` output object)."""
+    if k == 0:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj[:, k:]
+    if isinstance(obj, Mapping) and isinstance(obj.get("sequences"), torch.Tensor):
+        obj["sequences"] = obj["sequences"][:, k:]
+    return obj

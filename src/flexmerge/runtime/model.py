@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from ..bundle import Bundle
 from ..errors import FlexMergeError
-from .batching import _concat_inputs, _split
+from .batching import _concat_inputs, _left_pad_prompts, _split, _strip_left
 from .build import _factory_takes_task, _load, _ModuleSpec
 from .hf import _generation_config, _hf_builder
 from .modules import _Routed
@@ -42,7 +42,7 @@ class MultiTaskModel:
     @classmethod
     def from_bundle(cls, path_or_bundle: str | os.PathLike | Bundle, model_factory: Callable | None = None,
                     rebuild_policy: str = "on_the_fly", cache_budget_bytes: int | None = None,
-                    verify: bool = True) -> "MultiTaskModel":
+                    verify: bool = True, base: str | os.PathLike | None = None) -> "MultiTaskModel":
         """Load a bundle for serving.
 
         ``model_factory``: builds the (untrained) torch module. Called as ``model_factory(task)``
@@ -54,6 +54,10 @@ class MultiTaskModel:
         ``config.json`` with ``from_config`` (no download). ``rebuild_policy`` and
         ``cache_budget_bytes``: for mask methods (see :mod:`flexmerge.runtime`). ``verify``: check every
         bundle file against its sha256 first.
+
+        Adapter bundles (PEFT LoRA / (IA)3, :mod:`flexmerge.runtime.adapters`): the base model the
+        bundle records, or ``base`` (a path); ``model_factory()`` (no task argument) builds its
+        architecture, else the HF class of the base directory's ``config.json``.
         """
         if rebuild_policy not in ("on_the_fly", "cache"):
             raise FlexMergeError(f"rebuild_policy {rebuild_policy!r} is unknown; use 'on_the_fly' or 'cache'")
@@ -65,10 +69,12 @@ class MultiTaskModel:
                 bundle.verify()
         else:
             bundle = Bundle.load(path_or_bundle, verify=verify)
-        if bundle.manifest.get("adapter"):
-            raise FlexMergeError("this bundle holds PEFT adapters, which MultiTaskModel does not serve yet; "
-                                 "write them with 'flexmerge export BUNDLE --adapter-set -o DIR' and serve a "
-                                 "mixed batch with PEFT (adapter_names=...)")
+        if bundle.manifest.get("adapter"):  # PEFT adapters: side paths on the base model
+            from .adapters import load_adapter_bundle
+
+            return load_adapter_bundle(cls, bundle, base, model_factory, verify)
+        if base is not None:
+            raise FlexMergeError("base= is for adapter bundles; a bundle of full checkpoints holds its own weights")
         if model_factory is None:
             build, per_task, kind = _hf_builder(bundle), True, "hf"
         else:
@@ -120,9 +126,12 @@ class MultiTaskModel:
         ``generate(input_ids, task="t0", max_new_tokens=20)``: one task (``inputs``: the
         ``input_ids`` tensor, or a dict of ``generate``'s tensor arguments such as ``input_ids`` and
         ``attention_mask``); returns what ``generate`` returns. ``generate({"t0": ids0, "t1": ids1},
-        max_new_tokens=20)``: several tasks in one batch (rows concatenated as in :meth:`forward`:
-        equal prompt lengths, or left-padded with an ``attention_mask``); returns ``{task:
-        output}``. Each task uses its stored ``generation_config.json`` unless ``generation_config``
+        max_new_tokens=20)``: several tasks in one batch (rows concatenated as in :meth:`forward`);
+        prompts of different lengths across tasks are left-padded to the longest with the model's
+        ``pad_token_id`` (else its ``eos_token_id``) and masked, as HF batches prompts, and each
+        task's returned sequences start with its own prompt (the padding columns removed; rows may
+        carry trailing padding up to the batch's longest generation, as in any HF batch); returns
+        ``{task: output}``. Each task uses its stored ``generation_config.json`` unless ``generation_config``
         is given (tasks of one batch must then have the same one). Beam search and several
         sequences per prompt: one task per call."""
         if not hasattr(self.model, "generate"):
@@ -152,8 +161,14 @@ class MultiTaskModel:
             if any(m._widths is not None for m in self._routed.values()):
                 raise FlexMergeError("these tasks' heads differ in width (task-specific tensors); generate one task "
                                      "per call: generate(input_ids, task=NAME)")
+        pads, order = {t: 0 for t in tasks}, list(batch)
+        if len(tasks) > 1:
+            batch, pads = _left_pad_prompts(tasks, batch, self._pad_token_id(kwargs))
         args, inner, rows = _concat_inputs(tasks, batch)
         inner.update(kwargs)
+        if any(pads.values()) and "pad_token_id" not in inner and getattr(inner.get("generation_config"),
+                                                                          "pad_token_id", None) is None:
+            inner["pad_token_id"] = self._pad_token_id(kwargs)
         tidx = {t: i for i, t in enumerate(self.tasks)}
         r = self._router
         with self._lock, torch.inference_mode():
@@ -168,9 +183,23 @@ class MultiTaskModel:
             return out
         result, start = {}, 0
         for t, n in zip(tasks, rows):
-            result[t] = _split(out, start, start + n, sum(rows), [], tidx[t])
+            result[t] = _strip_left(_split(out, start, start + n, sum(rows), [], tidx[t]), pads[t])
             start += n
-        return {t: result[t] for t in batch}
+        return {t: result[t] for t in order}
+
+    def _pad_token_id(self, kwargs: dict) -> int | None:
+        """The id that left-pads shorter prompts: ``pad_token_id`` given, or of the generation
+        config given or stored, or of the model's config; else its first ``eos_token_id``."""
+        sources = [kwargs, kwargs.get("generation_config"), getattr(self.model, "generation_config", None),
+                   getattr(self.model, "config", None)]
+        for name in ("pad_token_id", "eos_token_id"):
+            for src in sources:
+                v = src.get(name) if isinstance(src, dict) else getattr(src, name, None)
+                if isinstance(v, (list, tuple)):
+                    v = v[0] if v else None
+                if isinstance(v, int):
+                    return v
+        return None
 
     def ensemble(self, inputs: Any, head: Callable[[str, Any], torch.Tensor],
                  tasks: list[str] | None = None, combine: str = "probs") -> torch.Tensor:
