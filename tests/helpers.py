@@ -108,3 +108,24 @@ def post_json(url: str, path: str, body, timeout: float = 30) -> tuple[int, dict
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+
+
+def install_text_data(root: Path, files: dict[str, bytes], monkeypatch) -> Path:
+    """Write ``files`` (paths relative to the shared data directory -> bytes) under ``root`` and
+    make ``flexmerge.bench.datasets`` check them against a manifest of exactly these files."""
+    import copy
+    import hashlib
+
+    from flexmerge.bench import datasets as ds
+    from flexmerge.bench._manifest import MANIFEST
+
+    m = copy.deepcopy(MANIFEST)
+    for g in m.values():
+        g["files"] = {}
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+        name = next(k for k, g in MANIFEST.items() if rel in g["files"])
+        m[name]["files"][rel] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    monkeypatch.setattr(ds, "MANIFEST", m)
+    return root

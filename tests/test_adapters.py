@@ -35,6 +35,24 @@ def make_base(tmp_path, layers: int = 2):
     return path
 
 
+def save_random_adapters(root, load_base, configs, marker: str, scale: float, seed: int, prefix: str,
+                         add: bool = False) -> dict:
+    """One PEFT adapter per config on ``load_base()``, its parameters named with ``marker`` set to
+    (``add``: shifted by) seeded ``scale``·N(0, 1) draws, saved as ``root/<prefix><i>``."""
+    tasks = {}
+    for i, config in enumerate(configs):
+        pm = peft.get_peft_model(load_base(), config)
+        gen = torch.Generator().manual_seed(seed + i)
+        with torch.no_grad():
+            for name, p in pm.named_parameters():
+                if marker in name:
+                    noise = torch.randn(p.shape, generator=gen) * scale
+                    p.add_(noise) if add else p.copy_(noise)
+        pm.save_pretrained(root / f"{prefix}{i}")
+        tasks[f"{prefix}{i}"] = root / f"{prefix}{i}"
+    return tasks
+
+
 def make_lora(base_dir, out, seed: int, shared_a: dict | None = None, **lora_kw):
     """A LoRA adapter of the base with random non-zero factors; ``shared_a``: module -> A to reuse."""
     model = transformers.BertModel.from_pretrained(base_dir)
@@ -242,18 +260,10 @@ def test_low_rank_is_exact_within_rank_and_pads():
 
 def test_ia3_size_n_exact_and_size_one_mean(tmp_path):
     base = make_base(tmp_path)
-    tasks = {}
-    for i in range(2):
-        model = transformers.BertModel.from_pretrained(base)
-        pm = peft.get_peft_model(model, peft.IA3Config(target_modules=["key", "intermediate.dense"],
-                                                       feedforward_modules=["intermediate.dense"]))
-        gen = torch.Generator().manual_seed(40 + i)
-        with torch.no_grad():
-            for name, p in pm.named_parameters():
-                if "ia3_l" in name:
-                    p.add_(torch.randn(p.shape, generator=gen) * 0.2)
-        pm.save_pretrained(tmp_path / f"i{i}")
-        tasks[f"i{i}"] = tmp_path / f"i{i}"
+    tasks = save_random_adapters(
+        tmp_path, lambda: transformers.BertModel.from_pretrained(base),
+        [peft.IA3Config(target_modules=["key", "intermediate.dense"], feedforward_modules=["intermediate.dense"])
+         for _ in range(2)], "ia3_l", 0.2, 40, "i", add=True)
     fm = AdapterMerge(cfg(base, tasks, method={"name": "task_arithmetic", "lambda": 1.0}))
     assert fm.cost.unit_bytes == 2 * (16 + 16) * 4  # per layer: key's [16, 1] and intermediate's [1, 16], fp32
     full = fm.merge(2, tmp_path / "full")
@@ -305,18 +315,10 @@ def test_fan_in_fan_out_gpt2_conv1d(tmp_path):
                                                            n_positions=32)).eval()
     base = tmp_path / "base"
     model.save_pretrained(base)
-    tasks = {}
-    for i in range(2):
-        pm = peft.get_peft_model(transformers.GPT2Model.from_pretrained(base),
-                                 peft.LoraConfig(r=2, lora_alpha=3, target_modules=["c_attn"], fan_in_fan_out=True,
-                                                 init_lora_weights=False))
-        gen = torch.Generator().manual_seed(50 + i)
-        with torch.no_grad():
-            for name, p in pm.named_parameters():
-                if "lora_" in name:
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-        pm.save_pretrained(tmp_path / f"g{i}")
-        tasks[f"g{i}"] = tmp_path / f"g{i}"
+    tasks = save_random_adapters(
+        tmp_path, lambda: transformers.GPT2Model.from_pretrained(base),
+        [peft.LoraConfig(r=2, lora_alpha=3, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False)
+         for _ in range(2)], "lora_", 0.3, 50, "g")
     fm = AdapterMerge(cfg(base, tasks, method={"name": "task_arithmetic", "lambda": 1.0}))
     assert [b.name for b in fm.blockmap.blocks] == ["h.0.attn", "h.1.attn"]
     x = {"input_ids": torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))}

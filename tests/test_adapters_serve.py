@@ -14,7 +14,7 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 from helpers import post_json, stored_bytes  # noqa: E402
-from test_adapters import cfg, inputs, make_base, make_lora, peft_out  # noqa: E402
+from test_adapters import cfg, inputs, make_base, make_lora, peft_out, save_random_adapters  # noqa: E402
 
 from flexmerge.adapters.engine import AdapterMerge  # noqa: E402
 from flexmerge.adapters.export import export_adapter  # noqa: E402
@@ -97,18 +97,10 @@ def test_size_one_serves_the_merged_adapter(ranked, tmp_path):
 
 def test_ia3_served_as_peft(tmp_path):
     base = make_base(tmp_path)
-    tasks = {}
-    for i in range(2):
-        pm = peft.get_peft_model(transformers.BertModel.from_pretrained(base),
-                                 peft.IA3Config(target_modules=["key", "intermediate.dense"],
-                                                feedforward_modules=["intermediate.dense"]))
-        gen = torch.Generator().manual_seed(40 + i)
-        with torch.no_grad():
-            for name, p in pm.named_parameters():
-                if "ia3_l" in name:
-                    p.add_(torch.randn(p.shape, generator=gen) * 0.2)
-        pm.save_pretrained(tmp_path / f"i{i}")
-        tasks[f"i{i}"] = tmp_path / f"i{i}"
+    tasks = save_random_adapters(
+        tmp_path, lambda: transformers.BertModel.from_pretrained(base),
+        [peft.IA3Config(target_modules=["key", "intermediate.dense"], feedforward_modules=["intermediate.dense"])
+         for _ in range(2)], "ia3_l", 0.2, 40, "i", add=True)
     fm = AdapterMerge(cfg(base, tasks))
     fm.merge(2, tmp_path / "full")
     mt = MultiTaskModel.from_bundle(tmp_path / "full")
@@ -268,18 +260,10 @@ def test_gpt2_conv1d_fan_in_fan_out_served(tmp_path):
     transformers.GPT2Model(transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2,
                                                    n_positions=32)).save_pretrained(tmp_path / "base")
     base = tmp_path / "base"
-    tasks = {}
-    for i in range(2):
-        pm = peft.get_peft_model(transformers.GPT2Model.from_pretrained(base),
-                                 peft.LoraConfig(r=2 + i, lora_alpha=3, target_modules=["c_attn"], fan_in_fan_out=True,
-                                                 init_lora_weights=False))
-        gen = torch.Generator().manual_seed(50 + i)
-        with torch.no_grad():
-            for name, p in pm.named_parameters():
-                if "lora_" in name:
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-        pm.save_pretrained(tmp_path / f"g{i}")
-        tasks[f"g{i}"] = tmp_path / f"g{i}"
+    tasks = save_random_adapters(
+        tmp_path, lambda: transformers.GPT2Model.from_pretrained(base),
+        [peft.LoraConfig(r=2 + i, lora_alpha=3, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False)
+         for i in range(2)], "lora_", 0.3, 50, "g")
     x = {"input_ids": torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))}
 
     def run(adapter_dir):

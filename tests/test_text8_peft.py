@@ -4,8 +4,6 @@ report; plus a slow check on the real encoder and data when they are present."""
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import importlib.util
 import inspect
 import json
@@ -24,13 +22,12 @@ from safetensors.torch import save_file  # noqa: E402
 from flexmerge.adapters import open_job  # noqa: E402
 from flexmerge.adapters.engine import AdapterMerge  # noqa: E402
 from flexmerge.adapters.export import task_adapter  # noqa: E402
-from flexmerge.bench import datasets as ds  # noqa: E402
 from flexmerge.bench import peft_finetune as pf  # noqa: E402
-from flexmerge.bench._manifest import MANIFEST  # noqa: E402
 from flexmerge.bench.evaluate import accuracy_of_model, eval_batches  # noqa: E402
 from flexmerge.bench.finetune import FinetuneRecipe, build_model  # noqa: E402
 from flexmerge.bench.peft_suite import PeftSuite, read_adapter, zero_shot_adapter  # noqa: E402
 from flexmerge.errors import FlexMergeError  # noqa: E402
+from helpers import install_text_data  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 POS, NEG = ["good", "great", "nice", "happy"], ["bad", "awful", "poor", "sad"]
@@ -72,17 +69,7 @@ def data_dir(tmp_path, monkeypatch) -> Path:
              "agnews/classes.txt": b"politics\nsports\nbusiness\ntechnology\n",
              "agnews/test.txt": "".join(f"{i % 4}\t{' '.join(TOPICS[i % 4])} {_sentence(rng, TOPICS[i % 4])} {i}.\n"
                                         for i in range(100)).encode()}
-    m = copy.deepcopy(MANIFEST)
-    for g in m.values():
-        g["files"] = {}
-    root = tmp_path / "data"
-    for rel, data in files.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(data)
-        name = next(k for k, g in MANIFEST.items() if rel in g["files"])
-        m[name]["files"][rel] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    monkeypatch.setattr(ds, "MANIFEST", m)
-    return root
+    return install_text_data(tmp_path / "data", files, monkeypatch)
 
 
 def _suite(backbone, data_dir, cache, peft_type="lora", **kw) -> PeftSuite:

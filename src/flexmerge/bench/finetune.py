@@ -30,7 +30,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -76,6 +76,8 @@ class FinetuneRecipe(BaseModel):
     split_seed: int = 0
     test_fraction: float = Field(0.2, gt=0, lt=1)
 
+    LABEL: ClassVar[str] = "fine-tuning recipe"  # how errors name the recipe
+
     @classmethod
     def parse(cls, data: dict | "FinetuneRecipe" | None) -> "FinetuneRecipe":
         """Validate a dict (unknown keys and bad values are a :class:`FlexMergeError`)."""
@@ -89,7 +91,7 @@ class FinetuneRecipe(BaseModel):
             err = e.errors()[0]
             where = ".".join(str(x) for x in err["loc"]) or "recipe"
             raise FlexMergeError(
-                f"fine-tuning recipe: {where}: {err['msg']}; allowed keys: "
+                f"{cls.LABEL}: {where}: {err['msg']}; allowed keys: "
                 f"{', '.join(cls.model_fields)}"
             ) from None
 

@@ -35,9 +35,9 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, ClassVar, Literal
 
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field
 
 from ..errors import FlexMergeError
 from .datasets import TaskData
@@ -76,19 +76,7 @@ class PeftRecipe(FinetuneRecipe):
     lora_r: int = Field(8, ge=1)
     lora_alpha: float = Field(16.0, gt=0)
 
-    @classmethod
-    def parse(cls, data) -> "PeftRecipe":
-        if data is None:
-            return cls()
-        if isinstance(data, cls):
-            return data
-        try:
-            return cls.model_validate(data)
-        except ValidationError as e:
-            err = e.errors()[0]
-            where = ".".join(str(x) for x in err["loc"]) or "recipe"
-            raise FlexMergeError(f"PEFT fine-tuning recipe: {where}: {err['msg']}; allowed keys: "
-                                 f"{', '.join(cls.model_fields)}") from None
+    LABEL: ClassVar[str] = "PEFT fine-tuning recipe"
 
     def full_recipe(self) -> FinetuneRecipe:
         """The full fine-tuning recipe this one shares data, seeds and steps with."""
