@@ -207,6 +207,8 @@ def test_generate_takes_prompts_of_different_lengths_per_task(tmp_path):
         assert together[t].shape == (2, ids.shape[1] + 5)
         assert torch.equal(together[t][:, : ids.shape[1]], ids)
         assert torch.equal(together[t], alone), t
+    with pytest.raises(FlexMergeError, match="pad_token_id 99 that would pad .* outside the model's 32 token ids"):
+        mt.generate(prompts, max_new_tokens=2, pad_token_id=99)
     with pytest.raises(FlexMergeError, match="'position_ids' cannot be"):
         mt.generate({"t0": IDS, "t1": {"input_ids": IDS[:, 1:], "position_ids": IDS[:, 1:]}}, max_new_tokens=2)
 

@@ -163,7 +163,7 @@ class MultiTaskModel:
                                      "per call: generate(input_ids, task=NAME)")
         pads, order = {t: 0 for t in tasks}, list(batch)
         if len(tasks) > 1:
-            batch, pads = _left_pad_prompts(tasks, batch, self._pad_token_id(kwargs))
+            batch, pads = _left_pad_prompts(tasks, batch, self._pad_token_id(kwargs, check=True))
         args, inner, rows = _concat_inputs(tasks, batch)
         inner.update(kwargs)
         if any(pads.values()) and "pad_token_id" not in inner and getattr(inner.get("generation_config"),
@@ -187,9 +187,10 @@ class MultiTaskModel:
             start += n
         return {t: result[t] for t in order}
 
-    def _pad_token_id(self, kwargs: dict) -> int | None:
+    def _pad_token_id(self, kwargs: dict, check: bool = False) -> int | None:
         """The id that left-pads shorter prompts: ``pad_token_id`` given, or of the generation
-        config given or stored, or of the model's config; else its first ``eos_token_id``."""
+        config given or stored, or of the model's config; else its first ``eos_token_id``.
+        ``check``: an id outside the input embedding's rows is a one-line error."""
         sources = [kwargs, kwargs.get("generation_config"), getattr(self.model, "generation_config", None),
                    getattr(self.model, "config", None)]
         for name in ("pad_token_id", "eos_token_id"):
@@ -198,6 +199,11 @@ class MultiTaskModel:
                 if isinstance(v, (list, tuple)):
                     v = v[0] if v else None
                 if isinstance(v, int):
+                    emb = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+                    rows = getattr(getattr(emb, "weight", None), "shape", (None,))[0]
+                    if check and rows is not None and not 0 <= v < rows:
+                        raise FlexMergeError(f"the {name} {v} that would pad the shorter prompts is outside the "
+                                             f"model's {rows} token ids; pass pad_token_id= (an id below {rows})")
                     return v
         return None
 
