@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -98,11 +98,12 @@ def _split(obj, start: int, end: int, total: int, padded, tidx: int):
     return obj
 
 
-def _left_pad_prompts(tasks: list[str], batch: Mapping[str, Any], pad_id: int | None
+def _left_pad_prompts(tasks: list[str], batch: Mapping[str, Any], pad_id_of: Callable[[], int | None]
                       ) -> tuple[dict[str, Any], dict[str, int]]:
     """Several tasks' prompts of different lengths joined for one ``generate`` call, as HF batches
     prompts: each task's ``input_ids`` ``[n, L_t]`` (a tensor, or a dict with ``input_ids`` and an
-    optional ``attention_mask``) left-padded with ``pad_id`` to the longest ``L``, its
+    optional ``attention_mask``) left-padded with ``pad_id_of()`` (asked only when lengths differ)
+    to the longest ``L``, its
     ``attention_mask`` (ones when absent) with zeros. Returns the padded inputs and the columns
     added per task (0 where nothing changed: inputs of equal length are returned as they are)."""
     def ids_of(x):
@@ -115,6 +116,7 @@ def _left_pad_prompts(tasks: list[str], batch: Mapping[str, Any], pad_id: int | 
     if all(v.shape[1] == longest for v in ids.values()):
         return dict(batch), {t: 0 for t in tasks}
     lengths = sorted({v.shape[1] for v in ids.values()})
+    pad_id = pad_id_of()
     if pad_id is None:
         raise FlexMergeError(f"the tasks' prompts differ in length ({', '.join(map(str, lengths))} tokens) and the "
                              "model has no pad_token_id; pass pad_token_id=, or left-pad the prompts yourself "

@@ -163,7 +163,7 @@ class MultiTaskModel:
                                      "per call: generate(input_ids, task=NAME)")
         pads, order = {t: 0 for t in tasks}, list(batch)
         if len(tasks) > 1:
-            batch, pads = _left_pad_prompts(tasks, batch, self._pad_token_id(kwargs, check=True))
+            batch, pads = _left_pad_prompts(tasks, batch, lambda: self._pad_token_id(kwargs, check=True))
         args, inner, rows = _concat_inputs(tasks, batch)
         inner.update(kwargs)
         if any(pads.values()) and "pad_token_id" not in inner and getattr(inner.get("generation_config"),
